@@ -1,0 +1,83 @@
+"""Train / eval preprocessing and the tf.data pipelines that apply them.
+
+Every random op is *stateless*, seeded by (run seed, example counter): the same seed gives the same
+images, and a restored iterator replays exactly. The evaluation preprocessing is the one the
+exported SavedModels run inside their graph.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def to_float(image: tf.Tensor) -> tf.Tensor:
+    """uint8 RGB -> float32 RGB in [0, 1], the input of every model here."""
+    return tf.image.convert_image_dtype(image, tf.float32)
+
+
+def eval_preprocess(image: tf.Tensor, size: int, crop_pct: float) -> tf.Tensor:
+    """Resize the short side to size / crop_pct (bilinear), centre-crop size x size.
+
+    Works on one image [H, W, 3] or a batch [N, H, W, 3] of one size; uint8 or float in, float32
+    in [0, 1] out.
+    """
+    image = to_float(image) if image.dtype == tf.uint8 else tf.cast(image, tf.float32)
+    shape = tf.shape(image)
+    h, w = tf.cast(shape[-3], tf.float32), tf.cast(shape[-2], tf.float32)
+    short = tf.cast(tf.math.ceil(size / crop_pct), tf.float32)
+    scale = short / tf.minimum(h, w)
+    new_h = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), size)
+    new_w = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), size)
+    image = tf.image.resize(image, tf.stack([new_h, new_w]), "bilinear", antialias=True)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    image = image[..., top:top + size, left:left + size, :]
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def random_resized_crop(image: tf.Tensor, size: int, scale, ratio, seed: tf.Tensor) -> tf.Tensor:
+    """Inception-style crop of a random area and aspect ratio, resized to size x size.
+
+    Hand-written on `tf.image.stateless_sample_distorted_bounding_box`: Keras has no
+    random-resized-crop layer, and its layers keep RNG state that a checkpoint cannot replay.
+    """
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed,
+        min_object_covered=0.0, aspect_ratio_range=tuple(ratio), area_range=tuple(scale),
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    image = tf.slice(image, begin, crop_size)
+    image = tf.image.resize(to_float(image), (size, size), "bilinear", antialias=True)
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def train_preprocess(image: tf.Tensor, seed: tf.Tensor, data_cfg, aug_cfg) -> tf.Tensor:
+    size = data_cfg.image_size
+    if aug_cfg.random_resized_crop:
+        image = random_resized_crop(image, size, aug_cfg.scale, aug_cfg.ratio, seed)
+    else:
+        image = eval_preprocess(image, size, data_cfg.crop_pct)
+    if aug_cfg.hflip:
+        image = tf.image.stateless_random_flip_left_right(image, seed + 1)
+    return image
+
+
+def train_pipeline(ds: tf.data.Dataset, data_cfg, aug_cfg, batch_size: int,
+                   seed: int) -> tf.data.Dataset:
+    """Shuffled, augmented, repeated data in global batches (a strategy splits them)."""
+    ds = ds.shuffle(data_cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter()))
+
+    def prepare(example, counter):
+        image, label = example
+        seed_pair = tf.stack([tf.constant(seed, tf.int64), counter])
+        return train_preprocess(image, seed_pair, data_cfg, aug_cfg), label
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_pipeline(ds: tf.data.Dataset, data_cfg, batch_size: int) -> tf.data.Dataset:
+    """Every example once, in order, with the evaluation preprocessing."""
+    size, crop_pct = data_cfg.image_size, data_cfg.crop_pct
+    ds = ds.map(lambda image, label: (eval_preprocess(image, size, crop_pct), label),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

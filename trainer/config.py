@@ -1,0 +1,272 @@
+"""The typed schema of every config group, and validation with one-line messages.
+
+Hydra merges the YAML files of `conf/` into these dataclasses, so an unknown key or a wrong type
+fails while composing; `validate` then checks ranges, choices and paths. Both happen before
+TensorFlow is imported (see `trainer/__main__.py`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+MODELS = ("mobilevit_xxs", "mobilevit_xs", "mobilevit_s")
+SOURCES = ("tfds", "folder", "digits")
+AUGS = ("none", "basic")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+LOGGERS = ("csv",)
+
+
+class ConfigError(ValueError):
+    """A config mistake: the message names the key, the value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mobilevit_xxs"
+    pretrained: str = "imagenet"  # imagenet | none | a checkpoint file | a run directory
+    checkpoint_format: Optional[str] = None  # timm | hf (default: detected from the keys)
+    head_dropout: float = 0.1
+    dropout: float = 0.0  # transformer dropout
+    drop_path_rate: float = 0.0
+    freeze_backbone: bool = False
+    sync_bn: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    source: str = "digits"  # tfds | folder | digits
+    tfds_name: Optional[str] = None
+    data_dir: Optional[str] = None  # TFDS data directory (default: TFDS' own)
+    download: bool = True
+    path: Optional[str] = None  # image folder (source=folder)
+    train_split: str = "train"
+    val_split: Optional[str] = None  # None: a stratified split carved from train
+    test_split: Optional[str] = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0  # carve a test split from train too (digits)
+    image_size: int = 256
+    crop_pct: float = 0.9  # eval: resize the short side to size / crop_pct, centre-crop
+    shuffle_buffer: int = 2048
+    on_error: str = "skip"  # folder: skip | fail on undecodable files
+
+
+@dataclass
+class AugConfig:
+    name: str = "basic"
+    random_resized_crop: bool = True
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: List[float] = field(default_factory=lambda: [0.75, 4 / 3])
+    hflip: bool = True
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # sgd
+    label_smoothing: float = 0.1
+    clip_norm: Optional[float] = None
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    batch_size: int = 64  # global batch, split across replicas
+    steps_per_epoch: Optional[int] = None  # cap per epoch (default: one pass over train)
+    eval_steps: Optional[int] = None  # cap on evaluation batches (default: the whole split)
+    strategy: str = "auto"
+    cpu_replicas: int = 0  # > 1 splits the CPU into logical devices (multi-replica on CPU)
+    export: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    name: str = "run"  # short name in the run directory
+    seed: int = 0
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _choice(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _range(key: str, value, low=None, high=None, low_open=False, high_open=False) -> None:
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        raise ConfigError(f"{key}={value!r} is out of range; it must be "
+                          f"{' and '.join(s for s in (lo, hi) if s)}")
+
+
+def check_schema(cfg) -> None:
+    """Keys and types against the schema: `+key=value` may add keys that Hydra allows."""
+    from omegaconf import OmegaConf
+
+    def walk(node, schema, prefix: str) -> None:
+        for key in node.keys():
+            full = f"{prefix}{key}"
+            if key not in schema:
+                allowed = ", ".join(sorted(schema.keys()))
+                raise ConfigError(f"unknown key '{full}'; allowed keys here: {allowed}")
+            child, child_schema = node._get_node(key), schema._get_node(key)
+            if OmegaConf.is_dict(child) and OmegaConf.is_dict(child_schema):
+                walk(child, child_schema, f"{full}.")
+
+    walk(cfg, OmegaConf.structured(Config), "")
+
+
+def validate(cfg) -> None:
+    """Check keys, types, choices, ranges and paths of a composed config; raise ConfigError."""
+    check_schema(cfg)
+    m, d, a, o, s, t = cfg.model, cfg.data, cfg.aug, cfg.optim, cfg.schedule, cfg.trainer
+    _choice("model.name", m.name, MODELS)
+    if m.checkpoint_format is not None:
+        _choice("model.checkpoint_format", m.checkpoint_format, ("timm", "hf"))
+    for key in ("head_dropout", "dropout", "drop_path_rate"):
+        _range(f"model.{key}", m[key], 0.0, 1.0, high_open=True)
+    if m.pretrained not in ("imagenet", "none") and not Path(m.pretrained).expanduser().exists():
+        raise ConfigError(f"model.pretrained={m.pretrained!r}: no such file or directory; use "
+                          f"imagenet, none, a checkpoint file or a run directory")
+
+    _choice("data.source", d.source, SOURCES)
+    if d.source == "tfds" and not d.tfds_name:
+        raise ConfigError("data.tfds_name is missing; it is required when data.source=tfds")
+    if d.source == "folder":
+        if not d.path:
+            raise ConfigError("data.path is missing; data=folder needs data.path=DIR "
+                              "(DIR/<class>/*.jpg or DIR/train/<class>/...)")
+        if not Path(d.path).is_dir():
+            raise ConfigError(f"data.path={d.path!r} is not a directory")
+    _range("data.image_size", d.image_size, 8, 2048)
+    _range("data.crop_pct", d.crop_pct, 0.0, 1.0, low_open=True)
+    _range("data.val_fraction", d.val_fraction, 0.0, 0.5)
+    _range("data.test_fraction", d.test_fraction, 0.0, 0.5)
+    _range("data.shuffle_buffer", d.shuffle_buffer, 1)
+    _choice("data.on_error", d.on_error, ("skip", "fail"))
+    if d.val_split is None and d.val_fraction == 0.0:
+        raise ConfigError("data.val_fraction=0.0 with no data.val_split: validation needs one")
+
+    _choice("aug.name", a.name, AUGS)
+    if len(a.scale) != 2 or not 0.0 < a.scale[0] <= a.scale[1] <= 1.0:
+        raise ConfigError(f"aug.scale={list(a.scale)!r} must be [low, high] with 0 < low <= high <= 1")
+    if len(a.ratio) != 2 or not 0.0 < a.ratio[0] <= a.ratio[1]:
+        raise ConfigError(f"aug.ratio={list(a.ratio)!r} must be [low, high] with 0 < low <= high")
+
+    _choice("optim.name", o.name, OPTIMIZERS)
+    _range("optim.lr", o.lr, 0.0, low_open=True)
+    _range("optim.weight_decay", o.weight_decay, 0.0)
+    _range("optim.momentum", o.momentum, 0.0, 1.0, high_open=True)
+    _range("optim.label_smoothing", o.label_smoothing, 0.0, 1.0, high_open=True)
+    if o.clip_norm is not None:
+        _range("optim.clip_norm", o.clip_norm, 0.0, low_open=True)
+
+    _choice("schedule.name", s.name, SCHEDULES)
+    _range("schedule.warmup_epochs", s.warmup_epochs, 0.0)
+    _range("schedule.min_lr_ratio", s.min_lr_ratio, 0.0, 1.0)
+
+    _range("trainer.epochs", t.epochs, 1)
+    _range("trainer.batch_size", t.batch_size, 1)
+    if t.steps_per_epoch is not None:
+        _range("trainer.steps_per_epoch", t.steps_per_epoch, 1)
+    if t.eval_steps is not None:
+        _range("trainer.eval_steps", t.eval_steps, 1)
+    _choice("trainer.strategy", t.strategy, STRATEGIES)
+    _range("trainer.cpu_replicas", t.cpu_replicas, 0, 64)
+    if t.cpu_replicas > 1 and t.batch_size % t.cpu_replicas:
+        raise ConfigError(f"trainer.batch_size={t.batch_size} is not divisible by "
+                          f"trainer.cpu_replicas={t.cpu_replicas} replicas; the global batch "
+                          f"must split evenly")
+    _choice("logger.name", cfg.logger.name, LOGGERS)
+    if not str(cfg.name).replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"name={cfg.name!r} must be letters, digits, '-' and '_' only")
+    if cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed} must be >= 0")
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before training if the run directory cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"hydra.run.dir={str(run_dir)!r} is not writable: {e.strerror}") from None
+
+
+def _allowed_keys(full_key: str) -> str:
+    parent = full_key.rpartition(".")[0]
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(Config)
+    node = OmegaConf.select(node, parent) if parent else node
+    return ", ".join(sorted(node.keys())) if node is not None and hasattr(node, "keys") else ""
+
+
+def one_line(error: Exception) -> str:
+    """Turn Hydra / OmegaConf composition errors into one line naming the key."""
+    chain, e = [], error
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        full_key = getattr(e, "full_key", None)
+        msg = str(getattr(e, "msg", "") or e).splitlines()[0]
+        if full_key and ("not in struct" in msg or type(e).__name__ in ("ConfigAttributeError",
+                                                                         "ConfigKeyError")):
+            allowed = _allowed_keys(full_key)
+            return f"unknown key '{full_key}'" + (f"; allowed keys here: {allowed}" if allowed else "")
+        if full_key and type(e).__name__ == "ValidationError":
+            return f"{full_key}: {msg}"
+        if full_key and type(e).__name__ == "MissingMandatoryValue":
+            return f"{full_key} is missing: it must be set"
+    text = str(error)
+    if "Could not find '" in text and "Available options" in text:
+        missing = text.split("Could not find '", 1)[1].split("'", 1)[0]
+        group, _, option = missing.rpartition("/")
+        options = []
+        for line in text.split("Available options", 1)[1].splitlines()[1:]:
+            if not line.startswith((" ", "\t")) or not line.strip():
+                break
+            options.append(line.strip())
+        return f"{group}={option} is not an option; choose one of {', '.join(options)}"
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    return " ".join(lines[:2]) if lines else type(error).__name__

@@ -1,0 +1,83 @@
+"""Strategy selection, logical CPU devices, and who may write (the chief).
+
+`trainer.strategy=auto` picks MultiWorkerMirroredStrategy when TF_CONFIG (or SLURM) describes a
+cluster, MirroredStrategy over several GPUs, and the default strategy otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+
+def split_cpu(replicas: int) -> None:
+    """Expose the CPU as `replicas` logical devices (must run before TensorFlow initialises)."""
+    if replicas <= 1:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+
+
+def _cluster_from_env() -> str | None:
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    if len(tf_config.get("cluster", {}).get("worker", [])) + len(
+            tf_config.get("cluster", {}).get("chief", [])) > 1:
+        return "tf_config"
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return "slurm"
+    return None
+
+
+def make_strategy(name: str, cpu_replicas: int = 0) -> tf.distribute.Strategy:
+    split_cpu(cpu_replicas)
+    gpus = tf.config.list_logical_devices("GPU")
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if name == "auto":
+        cluster = _cluster_from_env()
+        if cluster:
+            name = "multi_worker"
+        elif len(gpus) > 1 or cpu_replicas > 1:
+            name = "mirrored"
+        else:
+            name = "default"
+    if name == "default":
+        strategy = tf.distribute.get_strategy()
+    elif name == "one_device":
+        strategy = tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else cpus[0])
+    elif name == "mirrored":
+        devices = [d.name for d in gpus] if gpus else cpus
+        strategy = tf.distribute.MirroredStrategy(devices)
+    elif name == "multi_worker":
+        resolver = (tf.distribute.cluster_resolver.SlurmClusterResolver()
+                    if _cluster_from_env() == "slurm" else None)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    elif name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        strategy = tf.distribute.TPUStrategy(resolver)
+    else:
+        raise ValueError(f"trainer.strategy={name!r} is not known")
+    log.info("strategy: %s with %d replica(s)", type(strategy).__name__,
+             strategy.num_replicas_in_sync)
+    return strategy
+
+
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    return type(strategy).__name__
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Only the chief writes the run directory (worker 0 when the cluster has no chief task)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type == "chief" or (task_type == "worker" and task_id == 0 and
+                                    "chief" not in resolver.cluster_spec().as_dict())

@@ -1,0 +1,146 @@
+"""The one training loop, for every strategy: `strategy.run(step)` inside a `tf.function`.
+
+Hand-written because Keras 3 `Model.fit` fails under MultiWorkerMirroredStrategy
+(keras-team/keras#20585), and because a loop of our own lets a checkpoint carry the exact step.
+Keras still supplies the model, optimizer, schedule and loss. Each replica returns *sums*
+(loss, correct top-1 / top-5, examples), reduced with SUM across replicas: exact under any
+replica count, including partial last evaluation batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Loop:
+    def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
+                 optimizer: keras.optimizers.Optimizer, num_classes: int, global_batch: int,
+                 label_smoothing: float = 0.0):
+        self.strategy, self.model, self.optimizer = strategy, model, optimizer
+        self.num_classes, self.global_batch = num_classes, global_batch
+        self.top_k = min(5, num_classes)
+        self.loss_fn = keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=label_smoothing, reduction=None)
+        self._train_step = self._eval_step = None
+
+    # ----------------------------------------------------------------- per-replica work
+    def _stats(self, logits, labels, per_example_loss):
+        labels = tf.cast(labels, tf.int32)
+        top1 = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
+        topk = tf.cast(tf.math.in_top_k(labels, logits, self.top_k), tf.float32)
+        return {"loss": tf.reduce_sum(per_example_loss), "correct": tf.reduce_sum(top1),
+                "correct_topk": tf.reduce_sum(topk),
+                "count": tf.cast(tf.shape(labels)[0], tf.float32)}
+
+    def _replica_train(self, images, labels):
+        onehot = tf.one_hot(tf.cast(labels, tf.int32), self.num_classes)
+        with tf.GradientTape() as tape:
+            logits = tf.cast(self.model(images, training=True), tf.float32)
+            per_example = self.loss_fn(onehot, logits)
+            # Mean over the *global* batch: the cross-replica gradient sum is then the mean.
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
+        variables = self.model.trainable_variables
+        grads = tape.gradient(loss, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        return self._stats(logits, labels, per_example)
+
+    def _replica_eval(self, images, labels):
+        onehot = tf.one_hot(tf.cast(labels, tf.int32), self.num_classes)
+        logits = tf.cast(self.model(images, training=False), tf.float32)
+        return self._stats(logits, labels, self.loss_fn(onehot, logits))
+
+    def _reduce(self, per_replica: dict) -> dict:
+        return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                for k, v in per_replica.items()}
+
+    # ----------------------------------------------------------------- compiled steps
+    def train_step(self, iterator):
+        if self._train_step is None:  # traced once per trainable set
+            @tf.function
+            def step(it):
+                return self._reduce(self.strategy.run(self._replica_train, args=next(it)))
+            self._train_step = step
+        return self._train_step(iterator)
+
+    def eval_step(self, batch):
+        if self._eval_step is None:
+            @tf.function
+            def step(b):
+                return self._reduce(self.strategy.run(self._replica_eval, args=b))
+            self._eval_step = step
+        return self._eval_step(batch)
+
+    # ----------------------------------------------------------------- epochs
+    def train_epoch(self, iterator, steps: int, epoch: int, epochs: int, verbose: bool) -> dict:
+        bar = keras.utils.Progbar(steps, stateful_metrics=["loss", "acc"], verbose=1 if verbose else 0)
+        totals = {"loss": 0.0, "correct": 0.0, "correct_topk": 0.0, "count": 0.0}
+        if verbose:
+            print(f"Epoch {epoch + 1}/{epochs}")
+        for i in range(steps):
+            stats = {k: float(v) for k, v in self.train_step(iterator).items()}
+            if not math.isfinite(stats["loss"]):
+                raise NonFiniteLoss(f"non-finite loss at step "
+                                    f"{int(self.optimizer.iterations.numpy())} (epoch {epoch + 1})")
+            for k in totals:
+                totals[k] += stats[k]
+            bar.update(i + 1, [("loss", totals["loss"] / totals["count"]),
+                               ("acc", totals["correct"] / totals["count"])])
+        return _summarise(totals, "")
+
+    def evaluate(self, dataset: tf.data.Dataset, max_steps: int | None = None,
+                 prefix: str = "val_") -> dict:
+        totals = {"loss": 0.0, "correct": 0.0, "correct_topk": 0.0, "count": 0.0}
+        distributed = self.strategy.experimental_distribute_dataset(dataset)
+        for i, batch in enumerate(distributed):
+            if max_steps is not None and i >= max_steps:
+                break
+            for k, v in self.eval_step(batch).items():
+                totals[k] += float(v)
+        return _summarise(totals, prefix)
+
+
+def _summarise(totals: dict, prefix: str) -> dict:
+    n = max(totals["count"], 1.0)
+    return {f"{prefix}loss": totals["loss"] / n, f"{prefix}accuracy": totals["correct"] / n,
+            f"{prefix}top5_accuracy": totals["correct_topk"] / n,
+            f"{prefix}examples": int(totals["count"])}
+
+
+class History:
+    """Per-epoch rows appended to history.csv (one row per finished epoch)."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.rows = path, []
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.path is None:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

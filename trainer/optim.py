@@ -1,0 +1,38 @@
+"""Optimizer and learning-rate schedule, counted in steps; no weight decay on norms and biases."""
+
+from __future__ import annotations
+
+import keras
+
+
+def make_schedule(optim_cfg, schedule_cfg, steps_per_epoch: int, epochs: int):
+    total = max(steps_per_epoch * epochs, 1)
+    warmup = min(int(round(schedule_cfg.warmup_epochs * steps_per_epoch)), total - 1)
+    if schedule_cfg.name == "constant":
+        if warmup == 0:
+            return optim_cfg.lr
+        return keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=total, alpha=1.0, warmup_target=optim_cfg.lr, warmup_steps=warmup)
+    # Keras' CosineDecay with a linear warmup from 0 to lr, then cosine down to alpha * lr.
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else optim_cfg.lr, decay_steps=max(total - warmup, 1),
+        alpha=schedule_cfg.min_lr_ratio, warmup_target=optim_cfg.lr if warmup else None,
+        warmup_steps=warmup)
+
+
+def make_optimizer(optim_cfg, schedule, model: keras.Model) -> keras.optimizers.Optimizer:
+    common = dict(learning_rate=schedule, global_clipnorm=optim_cfg.clip_norm)
+    if optim_cfg.name == "adamw":
+        opt = keras.optimizers.AdamW(weight_decay=optim_cfg.weight_decay, **common)
+    else:
+        opt = keras.optimizers.SGD(momentum=optim_cfg.momentum, nesterov=True,
+                                   weight_decay=optim_cfg.weight_decay, **common)
+    # Norm scales/offsets and biases are not decayed (vectors: every 1-D weight).
+    opt.exclude_from_weight_decay(
+        var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
+    return opt
+
+
+def current_lr(optimizer: keras.optimizers.Optimizer) -> float:
+    lr = optimizer.learning_rate
+    return float(lr.numpy() if hasattr(lr, "numpy") else lr)

@@ -1,0 +1,164 @@
+"""train(cfg) -> metrics: seed -> strategy -> data -> model -> restore -> loop -> evaluate -> export.
+
+Start-up order: resume the run directory's own last checkpoint if there is one, else initialise
+from `model.pretrained` (ImageNet, a checkpoint or an earlier run; a new head when the class count
+differs), else from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from omegaconf import DictConfig, OmegaConf
+
+from trainer import augment, data, export
+from trainer.config import check_writable, validate, ConfigError
+from trainer.distribute import is_chief, make_strategy, strategy_name
+from trainer.loop import History, Loop, Timer
+from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+from trainer.models.weights import find_backbone, load_pretrained
+from trainer.optim import current_lr, make_optimizer, make_schedule
+
+log = logging.getLogger(__name__)
+
+
+def build_model(model_cfg, num_classes: int) -> keras.Model:
+    backbone = MobileViTBackbone.from_preset(
+        model_cfg.name, dropout=model_cfg.dropout, drop_path_rate=model_cfg.drop_path_rate,
+        sync_bn=model_cfg.sync_bn)
+    return build_classifier(backbone, num_classes, dropout=model_cfg.head_dropout)
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    validate(cfg)
+    check_writable(run_dir)
+
+    # ------------------------------------------------------------------ strategy and seed
+    strategy = make_strategy(cfg.trainer.strategy, cfg.trainer.cpu_replicas)
+    replicas = strategy.num_replicas_in_sync
+    if cfg.trainer.batch_size % replicas:
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is not divisible by the "
+                          f"{replicas} replicas of {strategy_name(strategy)}")
+    chief = is_chief(strategy)
+    # Non-chief workers must still write their checkpoint copies: to a scratch directory.
+    work_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="mobilevit-worker-"))
+    keras.utils.set_random_seed(cfg.seed)
+    export.write_json(work_dir / "run.json", {
+        "strategy": strategy_name(strategy), "replicas": replicas,
+        "global_batch": cfg.trainer.batch_size,
+        "per_replica_batch": cfg.trainer.batch_size // replicas})
+
+    # ------------------------------------------------------------------ input pipeline
+    dataset = data.load_dataset(cfg.data)
+    if dataset.skipped and chief:
+        data.write_skipped_report(dataset, run_dir / "skipped_files.csv")
+    batch = cfg.trainer.batch_size
+    steps_per_epoch = cfg.trainer.steps_per_epoch or max(dataset.counts["train"] // batch, 1)
+    train_ds = augment.train_pipeline(dataset.splits["train"], cfg.data, cfg.aug, batch, cfg.seed)
+    eval_ds = {s: augment.eval_pipeline(dataset.splits[s], cfg.data, batch)
+               for s in ("val", "test") if s in dataset.splits}
+    log.info("data %s: %s, %d classes; %d steps of %d per epoch", dataset.name, dataset.counts,
+             dataset.num_classes, steps_per_epoch, batch)
+
+    # ------------------------------------------------------------------ model and optimizer
+    with strategy.scope():
+        model = build_model(cfg.model, dataset.num_classes)
+        source = load_pretrained(model, cfg.model.pretrained, cfg.model.name,
+                                 cfg.model.checkpoint_format)
+        if cfg.model.freeze_backbone:
+            find_backbone(model).trainable = False  # also runs its BatchNorm in inference mode
+        schedule = make_schedule(cfg.optim, cfg.schedule, steps_per_epoch, cfg.trainer.epochs)
+        optimizer = make_optimizer(cfg.optim, schedule, model)
+        optimizer.build(model.trainable_variables)
+        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        best_var = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_accuracy")
+    log.info("model %s (%d classes) initialised from %s", cfg.model.name, dataset.num_classes,
+             source)
+
+    # ------------------------------------------------------------------ checkpoints
+    # The checkpoint carries the model, optimizer (with its step, hence the schedule position),
+    # the epoch and the best score so far; the config travels in .hydra/ beside it.
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var, best=best_var)
+    last = tf.train.CheckpointManager(ckpt, str(work_dir / "checkpoints" / "last"), max_to_keep=2)
+    best = tf.train.CheckpointManager(ckpt, str(work_dir / "checkpoints" / "best"), max_to_keep=1)
+    if last.latest_checkpoint:
+        ckpt.restore(last.latest_checkpoint).expect_partial()
+        log.info("resumed from %s at epoch %d", last.latest_checkpoint, int(epoch_var.numpy()))
+
+    # ------------------------------------------------------------------ train loop
+    loop = Loop(strategy, model, optimizer, dataset.num_classes, batch, cfg.optim.label_smoothing)
+    history = History(run_dir / "history.csv" if chief else None)
+    writer = (tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+              if chief and cfg.logger.tensorboard else None)
+    iterator = iter(strategy.experimental_distribute_dataset(train_ds))
+    with Timer() as train_time:
+        for epoch in range(int(epoch_var.numpy()), cfg.trainer.epochs):
+            with Timer() as epoch_time:
+                row = loop.train_epoch(iterator, steps_per_epoch, epoch, cfg.trainer.epochs,
+                                       verbose=chief)
+                row.update(loop.evaluate(eval_ds["val"], cfg.trainer.eval_steps, "val_"))
+            row = {"epoch": epoch + 1, **row, "lr": current_lr_value(optimizer),
+                   "seconds": round(epoch_time.seconds, 2)}
+            history.append(row)
+            log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v
+                                                 for k, v in row.items()})
+            if writer:
+                with writer.as_default(step=epoch + 1):
+                    for k, v in row.items():
+                        tf.summary.scalar(k, v)
+            epoch_var.assign(epoch + 1)
+            if row["val_accuracy"] > best_var.numpy():
+                best_var.assign(row["val_accuracy"])
+                best.save(checkpoint_number=epoch + 1)
+            last.save(checkpoint_number=epoch + 1)
+
+    # ------------------------------------------------------------------ final evaluation
+    ckpt.restore(best.latest_checkpoint).expect_partial()  # the best epoch's weights
+    metrics = {"best_epoch": int(best.latest_checkpoint.rsplit("-", 1)[-1]),
+               "epochs": cfg.trainer.epochs, "train_seconds": round(train_time.seconds, 2)}
+    for split, ds in eval_ds.items():
+        metrics.update(loop.evaluate(ds, cfg.trainer.eval_steps, f"{split}_"))
+    log.info("final: %s", metrics)
+
+    # ------------------------------------------------------------------ export
+    if chief:
+        export.write_json(run_dir / "dataset.json", dataset.info())
+        if cfg.trainer.export:
+            metrics["export_max_rel_diff"] = export_run(model, dataset, cfg, run_dir, eval_ds["val"])
+        export.write_json(run_dir / "metrics.json", metrics)
+    else:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return metrics
+
+
+def current_lr_value(optimizer) -> float:
+    return round(current_lr(optimizer), 8)
+
+
+def export_run(model: keras.Model, dataset: data.Dataset, cfg: DictConfig, run_dir: Path,
+               val_ds: tf.data.Dataset) -> float:
+    """Both SavedModels and the .keras file, then a reload check against the in-memory model."""
+    out = run_dir / "export"
+    size, crop = cfg.data.image_size, cfg.data.crop_pct
+    export.export_classifier(model, out / "classifier", dataset.class_names, size, crop)
+    export.export_feature_extractor(model, out / "feature_extractor", size, crop)
+    export.save_keras(model, out / "model.keras")
+    images = next(iter(val_ds))[0].numpy()
+    expected = model(images, training=False).numpy()
+    err = export.check_reload(out / "classifier", images, expected, "logits", "serve_float")
+    log.info("exported %s (reload check: max relative difference %.2g)", out, err)
+    return err
+
+
+def config_to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+__all__ = ["train", "build_model", "np"]
