@@ -98,45 +98,43 @@ def load_digits(cfg) -> Dataset:
 def load_tfds(cfg) -> Dataset:
     import tensorflow_datasets as tfds
 
-    try:
-        builder = tfds.builder(cfg.tfds_name, data_dir=cfg.data_dir)
-        if cfg.download:
-            builder.download_and_prepare()
-    except Exception as e:
-        raise DataError(f"data.tfds_name={cfg.tfds_name!r}: cannot load or download it "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        f"set data.data_dir to a prepared TFDS directory") from None
-    info = builder.info
-    class_names = list(info.features["label"].names)
-    available = set(info.splits.keys())
-    for key in ("train_split", "val_split", "test_split"):
-        split = cfg[key]
-        if split is not None and split.split("[")[0] not in available:
-            raise DataError(f"data.{key}={split!r} is not a split of {cfg.tfds_name}; it has "
-                            f"{', '.join(sorted(available))}")
-
-    def read(split: str, decode: bool = True) -> tf.data.Dataset:
+    def read(split: str, decode: bool = True):
         decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
-        ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
-                                read_config=tfds.ReadConfig(shuffle_seed=0))
-        if not decode:
-            return ds
+        try:
+            return tfds.load(cfg.tfds_name, split=split, data_dir=cfg.data_dir,
+                             download=cfg.download, shuffle_files=False, decoders=decoders,
+                             with_info=True)
+        except Exception as e:
+            text = str(e).splitlines()[0] if str(e) else ""
+            raise DataError(f"data.tfds_name={cfg.tfds_name!r} split {split!r}: cannot load it "
+                            f"({type(e).__name__}: {text}); check the split name, or set "
+                            f"data.data_dir to a prepared TFDS directory") from None
+
+    def pairs(ds: tf.data.Dataset) -> tf.data.Dataset:
         return ds.map(lambda e: (e["image"], tf.cast(e["label"], tf.int64)))
 
+    def count(ds: tf.data.Dataset, info, split: str) -> int:
+        if split in info.splits:
+            return info.splits[split].num_examples
+        return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+
+    train, info = read(cfg.train_split)
+    class_names = list(info.features["label"].names)
     splits, counts = {}, {}
-    train = read(cfg.train_split)
-    n_train = info.splits[cfg.train_split].num_examples
     if cfg.val_split is None:  # carve a stratified validation split out of train
-        labels = np.fromiter((int(e["label"]) for e in read(cfg.train_split, decode=False)
-                              .as_numpy_iterator()), np.int64)
+        labels_ds, _ = read(cfg.train_split, decode=False)
+        labels = np.fromiter((int(e["label"]) for e in labels_ds.as_numpy_iterator()), np.int64)
         val_idx, train_idx = stratified_split(labels, [cfg.val_fraction], seed=1234)
-        splits["train"], splits["val"] = _select(train, train_idx, n_train), _select(train, val_idx, n_train)
+        splits["train"] = pairs(_select(train, train_idx, len(labels)))
+        splits["val"] = pairs(_select(train, val_idx, len(labels)))
         counts["train"], counts["val"] = len(train_idx), len(val_idx)
     else:
-        splits["train"], counts["train"] = train, n_train
-        splits["val"], counts["val"] = read(cfg.val_split), info.splits[cfg.val_split].num_examples
+        splits["train"], counts["train"] = pairs(train), count(train, info, cfg.train_split)
+        val, _ = read(cfg.val_split)
+        splits["val"], counts["val"] = pairs(val), count(val, info, cfg.val_split)
     if cfg.test_split:
-        splits["test"], counts["test"] = read(cfg.test_split), info.splits[cfg.test_split].num_examples
+        test, _ = read(cfg.test_split)
+        splits["test"], counts["test"] = pairs(test), count(test, info, cfg.test_split)
     return Dataset(cfg.tfds_name, class_names, splits, counts, version=str(info.version))
 
 

@@ -95,8 +95,13 @@ def _image_signatures(net: keras.Model, image_size: int, crop_pct: float, output
     """serving_default (uint8, any size), serve_bytes (JPEG/PNG), serve_float (the TF Hub one)."""
     from trainer.augment import eval_preprocess
 
+    # Traced once and called by all three signatures: each would otherwise trace the network.
+    @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)])
+    def forward(images):
+        return tf.cast(net(images, training=False), tf.float32)
+
     def run(images):
-        return outputs(tf.cast(net(images, training=False), tf.float32))
+        return outputs(forward(images))
 
     def serve_uint8(images):
         return run(eval_preprocess(images, image_size, crop_pct))

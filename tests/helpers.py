@@ -1,0 +1,38 @@
+"""Shared test helpers: the real composed config, shrunk to a few steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+
+from trainer.config import register
+from trainer.precheck import CONF_DIR
+
+TINY = ["model.pretrained=none", "data.image_size=32", "trainer.epochs=1",
+        "trainer.steps_per_epoch=2", "trainer.batch_size=8", "trainer.eval_steps=2",
+        "data.shuffle_buffer=16", "logger.tensorboard=false"]
+
+
+def tiny_cfg(*overrides: str):
+    register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=[*TINY, *overrides])
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 6,
+                      seed: int = 0) -> Path:
+    """DIR/<class>/*.jpg|png of random sizes, class-dependent colour so there is signal."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = rng.integers(24, 80, 2)
+            img = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+            img[..., c] += 150
+            suffix = ".png" if i % 2 else ".jpg"
+            Image.fromarray(img).save(root / name / f"{i}{suffix}")
+    return root

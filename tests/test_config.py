@@ -1,0 +1,104 @@
+"""Every config option composes and validates; mistakes exit 2 with one line, before TensorFlow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from trainer.config import ConfigError, register, validate
+from trainer.precheck import CONF_DIR, check
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUPS = ["model", "data", "aug", "optim", "schedule", "trainer", "logger", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+def compose_cfg(overrides: list[str]):
+    register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_validates(group, option, tmp_path):
+    extra = [f"data.path={tmp_path}"] if option == "folder" else []
+    cfg = compose_cfg([f"{group}={option}", *extra])
+    validate(cfg)
+    if group not in ("experiment", "trainer"):  # trainer options carry no name
+        assert cfg[group].name == option
+
+
+def test_group_options_are_the_documented_ones():
+    assert options("model") == ["mobilevit_s", "mobilevit_xs", "mobilevit_xxs"]
+    assert set(options("data")) >= {"flowers", "flowers102", "pets", "cifar10", "beans",
+                                     "food101", "folder", "digits"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["model.foo=1"], "unknown key 'model.foo'; allowed keys here: checkpoint_format"),
+    (["+foo=3"], "unknown key 'foo'"),
+    (["+trainer.gpus=2"], "unknown key 'trainer.gpus'"),
+    (["model=mobilevit_m"], "model=mobilevit_m is not an option; choose one of mobilevit_s, "
+                            "mobilevit_xs, mobilevit_xxs"),
+    (["experiment=nope"], "experiment=nope is not an option; choose one of quickstart"),
+    (["trainer.batch_size=abc"], "trainer.batch_size: Value 'abc'"),
+    (["optim.lr=-1"], "optim.lr=-1.0 is out of range; it must be > 0.0"),
+    (["optim.lr=0"], "optim.lr=0.0 is out of range"),
+    (["trainer.batch_size=0"], "trainer.batch_size=0 is out of range; it must be >= 1"),
+    (["trainer.epochs=-3"], "trainer.epochs=-3 is out of range"),
+    (["trainer.strategy=gpu"], "trainer.strategy='gpu' is not allowed; choose one of auto"),
+    (["trainer.cpu_replicas=2", "trainer.batch_size=33"],
+     "trainer.batch_size=33 is not divisible by trainer.cpu_replicas=2"),
+    (["data=folder"], "data.path is missing"),
+    (["data=folder", "data.path=/no/such/dir"], "data.path='/no/such/dir' is not a directory"),
+    (["model.pretrained=/no/such.safetensors"], "model.pretrained='/no/such.safetensors': no such"),
+    (["data.image_size=4"], "data.image_size=4 is out of range"),
+    (["data.crop_pct=1.5"], "data.crop_pct=1.5 is out of range"),
+    (["model.drop_path_rate=1.0"], "model.drop_path_rate=1.0 is out of range"),
+    (["aug.scale=[0.9,0.1]"], "aug.scale=[0.9, 0.1] must be [low, high]"),
+    (["optim.name=lamb"], "optim.name='lamb' is not allowed"),
+    (["data.source=s3"], "data.source='s3' is not allowed"),
+    (["data.val_fraction=0.0"], "data.val_fraction=0.0 with no data.val_split"),
+    (["-m", "optim.lr=1e-3,-2"], "optim.lr=-2.0 is out of range"),
+    (["name=a/b"], "name='a/b' must be letters"),
+])
+def test_config_mistakes_are_one_line(args, message):
+    with pytest.raises(ConfigError) as err:
+        check(args)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_config_exits_2_before_tensorflow(tmp_path):
+    """The real command: exit 2, one stderr line, no TensorFlow import, no run directory."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = ("import sys, runpy; sys.argv = ['trainer', 'optim.lr=-1', 'hydra.run.dir=%s'];\n"
+            "try:\n    runpy.run_module('trainer', run_name='__main__')\n"
+            "finally:\n    print('TF_LOADED' if 'tensorflow' in sys.modules else 'TF_NOT_LOADED')"
+            % run_dir)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "config error: optim.lr=-1.0 is out of range; it must be > 0.0"
+    assert "TF_NOT_LOADED" in result.stdout
+    assert not run_dir.exists()
+
+
+def test_recipe_style_yaml_mistake_is_reported(tmp_path):
+    """A mistake inside a YAML file (not on the command line) names the key too."""
+    conf = tmp_path / "conf"
+    import shutil
+    shutil.copytree(ROOT / "conf", conf)
+    (conf / "experiment" / "broken.yaml").write_text(
+        "# @package _global_\noptim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown key 'optim.learning_rate'"):
+        check(["--config-dir", str(conf), "experiment=broken"])

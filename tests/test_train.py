@@ -1,0 +1,99 @@
+"""End-to-end train(cfg): data -> model -> loop -> evaluate -> export, on tiny inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from helpers import make_image_folder, tiny_cfg
+from trainer.augment import eval_preprocess
+from trainer.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def check_run_dir(run_dir: Path, metrics: dict, class_names: list[str], with_test: bool,
+                  raw_images: np.ndarray) -> None:
+    for path in ("metrics.json", "history.csv", "run.json", "dataset.json",
+                 "checkpoints/best/checkpoint", "export/classifier/saved_model.pb",
+                 "export/feature_extractor/saved_model.pb", "export/model.keras"):
+        assert (run_dir / path).exists(), path
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= saved["val_accuracy"] <= 1.0 and "val_top5_accuracy" in saved
+    assert ("test_accuracy" in saved) == with_test
+    assert saved["val_accuracy"] == pytest.approx(metrics["val_accuracy"])
+    assert saved["export_max_rel_diff"] < 1e-4
+    history = (run_dir / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,loss,accuracy") and len(history) == 2
+
+    # The exported classifier, loaded with TensorFlow alone, matches the Keras model.
+    import keras
+    model = keras.models.load_model(run_dir / "export" / "model.keras", compile=False)
+    loaded = tf.saved_model.load(str(run_dir / "export" / "classifier"))
+    size = model.input_shape[1] or 32
+    cfg = json.loads((run_dir / "dataset.json").read_text())
+    assert cfg["class_names"] == class_names
+    out = loaded.signatures["serving_default"](images=tf.constant(raw_images))
+    x = eval_preprocess(tf.constant(raw_images), 32, 0.9 if "digits" not in str(run_dir) else 1.0)
+    expected = model(x, training=False).numpy()
+    np.testing.assert_allclose(out["logits"].numpy(), expected, atol=1e-4 * max(1, abs(expected).max()))
+    names = [n.decode() for n in out["top_k_names"].numpy()[:, 0]]
+    assert names == [class_names[i] for i in expected.argmax(1)]
+
+
+def test_train_digits_end_to_end(tmp_path):
+    run_dir = tmp_path / "digits"
+    metrics = train(tiny_cfg("data=digits"), run_dir)
+    assert metrics["val_examples"] == 16  # eval_steps=2 batches of 8
+    raw = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    check_run_dir(run_dir, metrics, [str(i) for i in range(10)], True, raw)
+
+
+def test_train_tfds_flowers_mock(tmp_path):
+    import tensorflow_datasets as tfds
+
+    run_dir = tmp_path / "flowers"
+    with tfds.testing.mock_data(num_examples=24):
+        metrics = train(tiny_cfg("data=flowers", "data.val_fraction=0.25"), run_dir)
+    info = json.loads((run_dir / "dataset.json").read_text())
+    assert info["class_names"] == ["dandelion", "daisy", "tulips", "sunflowers", "roses"]
+    assert info["counts"]["train"] + info["counts"]["val"] == 24
+    raw = np.random.default_rng(1).integers(0, 255, (2, 50, 40, 3), dtype=np.uint8)
+    check_run_dir(run_dir, metrics, info["class_names"], False, raw)
+
+
+def test_train_image_folder_skips_broken_files(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs")
+    (folder / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "dog" / "empty.png").write_bytes(b"")
+    (folder / "fox" / "notes.jpg").write_text("hello")
+    run_dir = tmp_path / "run"
+    metrics = train(tiny_cfg("data=folder", f"data.path={folder}", "data.val_fraction=0.34"),
+                    run_dir)
+    report = (run_dir / "skipped_files.csv").read_text().splitlines()
+    assert report[0] == "file,reason" and len(report) == 4
+    assert {Path(line.split(",")[0]).name for line in report[1:]} == {"broken.jpg", "empty.png",
+                                                                     "notes.jpg"}
+    raw = np.random.default_rng(2).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    check_run_dir(run_dir, metrics, ["cat", "dog", "fox"], False, raw)
+
+
+def test_hydra_app_writes_run_directory(tmp_path):
+    """The real command line: Hydra's .hydra/ config, relative paths, exit 0."""
+    run_dir = tmp_path / "app-run"
+    args = [sys.executable, "-m", "trainer", "data=digits", "model.pretrained=none",
+            "data.image_size=32", "trainer.epochs=1", "trainer.steps_per_epoch=1",
+            "trainer.batch_size=8", "trainer.eval_steps=1", "trainer.export=false",
+            f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert json.loads((run_dir / "metrics.json").read_text())["val_examples"] == 8
