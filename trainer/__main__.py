@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import tempfile
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -16,6 +19,7 @@ from trainer.precheck import check
 def app(cfg: DictConfig) -> float:
     import logging
 
+    logging.getLogger("absl").setLevel(logging.WARNING)
     from trainer.train import train  # TensorFlow starts here, after the config checks
     from trainer.data import DataError
     from trainer.models.weights import CheckpointError
@@ -29,12 +33,29 @@ def app(cfg: DictConfig) -> float:
     return metrics["val_accuracy"]  # the objective of sweeps
 
 
+def _non_chief_worker() -> bool:
+    """From TF_CONFIG: is this process a worker other than the chief of a cluster?"""
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    task, cluster = tf_config.get("task", {}), tf_config.get("cluster", {})
+    if not task or not cluster:
+        return False
+    if "chief" in cluster:
+        return task.get("type") != "chief"
+    return not (task.get("type") == "worker" and int(task.get("index", 0)) == 0)
+
+
 def main() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chatter out
     try:
         check(sys.argv[1:])
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    if _non_chief_worker():
+        # Only the chief writes the run directory; Hydra would create one per process, so
+        # other workers get a scratch directory and no .hydra/ output.
+        scratch = tempfile.mkdtemp(prefix="mobilevit-worker-")
+        sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
     register()
     app()
 

@@ -20,6 +20,7 @@ AUGS = ("none", "basic")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 LOGGERS = ("csv",)
 
 
@@ -92,6 +93,9 @@ class TrainerConfig:
     eval_steps: Optional[int] = None  # cap on evaluation batches (default: the whole split)
     strategy: str = "auto"
     cpu_replicas: int = 0  # > 1 splits the CPU into logical devices (multi-replica on CPU)
+    precision: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16
+    jit_compile: str = "auto"  # auto (XLA on GPU/TPU) | true | false
+    log_every_steps: int = 0  # > 0: log the loss of every N-th step
     export: bool = True
 
 
@@ -209,6 +213,9 @@ def validate(cfg) -> None:
     if t.eval_steps is not None:
         _range("trainer.eval_steps", t.eval_steps, 1)
     _choice("trainer.strategy", t.strategy, STRATEGIES)
+    _choice("trainer.precision", t.precision, PRECISIONS)
+    _choice("trainer.jit_compile", str(t.jit_compile).lower(), ("auto", "true", "false"))
+    _range("trainer.log_every_steps", t.log_every_steps, 0)
     _range("trainer.cpu_replicas", t.cpu_replicas, 0, 64)
     if t.cpu_replicas > 1 and t.batch_size % t.cpu_replicas:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is not divisible by "

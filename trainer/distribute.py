@@ -35,27 +35,20 @@ def _cluster_from_env() -> str | None:
 
 
 def make_strategy(name: str, cpu_replicas: int = 0) -> tf.distribute.Strategy:
-    split_cpu(cpu_replicas)
-    gpus = tf.config.list_logical_devices("GPU")
-    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    # Decide from the environment and *physical* devices first: MultiWorkerMirroredStrategy
+    # must be created before anything initialises the TensorFlow context.
+    cluster = _cluster_from_env()
+    gpus = tf.config.list_physical_devices("GPU")
     if name == "auto":
-        cluster = _cluster_from_env()
         if cluster:
             name = "multi_worker"
         elif len(gpus) > 1 or cpu_replicas > 1:
             name = "mirrored"
         else:
             name = "default"
-    if name == "default":
-        strategy = tf.distribute.get_strategy()
-    elif name == "one_device":
-        strategy = tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else cpus[0])
-    elif name == "mirrored":
-        devices = [d.name for d in gpus] if gpus else cpus
-        strategy = tf.distribute.MirroredStrategy(devices)
-    elif name == "multi_worker":
+    if name == "multi_worker":
         resolver = (tf.distribute.cluster_resolver.SlurmClusterResolver()
-                    if _cluster_from_env() == "slurm" else None)
+                    if cluster == "slurm" else None)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     elif name == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
@@ -63,13 +56,25 @@ def make_strategy(name: str, cpu_replicas: int = 0) -> tf.distribute.Strategy:
         tf.tpu.experimental.initialize_tpu_system(resolver)
         strategy = tf.distribute.TPUStrategy(resolver)
     else:
-        raise ValueError(f"trainer.strategy={name!r} is not known")
-    log.info("strategy: %s with %d replica(s)", type(strategy).__name__,
+        split_cpu(cpu_replicas)
+        gpu_names = [d.name for d in tf.config.list_logical_devices("GPU")]
+        cpu_names = [d.name for d in tf.config.list_logical_devices("CPU")]
+        if name == "default":
+            strategy = tf.distribute.get_strategy()
+        elif name == "one_device":
+            strategy = tf.distribute.OneDeviceStrategy((gpu_names or cpu_names)[0])
+        elif name == "mirrored":
+            strategy = tf.distribute.MirroredStrategy(gpu_names or cpu_names)
+        else:
+            raise ValueError(f"trainer.strategy={name!r} is not known")
+    log.info("strategy: %s with %d replica(s)", strategy_name(strategy),
              strategy.num_replicas_in_sync)
     return strategy
 
 
 def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"  # its class is CollectiveAllReduceStrategy
     return type(strategy).__name__
 
 

@@ -28,8 +28,10 @@ class NonFiniteLoss(RuntimeError):
 class Loop:
     def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
                  optimizer: keras.optimizers.Optimizer, num_classes: int, global_batch: int,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, jit_compile: bool = False,
+                 log_every_steps: int = 0):
         self.strategy, self.model, self.optimizer = strategy, model, optimizer
+        self.jit_compile, self.log_every_steps = jit_compile, log_every_steps
         self.num_classes, self.global_batch = num_classes, global_batch
         self.top_k = min(5, num_classes)
         self.loss_fn = keras.losses.CategoricalCrossentropy(
@@ -45,17 +47,22 @@ class Loop:
                 "correct_topk": tf.reduce_sum(topk),
                 "count": tf.cast(tf.shape(labels)[0], tf.float32)}
 
-    def _replica_train(self, images, labels):
+    def _gradients(self, images, labels):
         onehot = tf.one_hot(tf.cast(labels, tf.int32), self.num_classes)
         with tf.GradientTape() as tape:
             logits = tf.cast(self.model(images, training=True), tf.float32)
             per_example = self.loss_fn(onehot, logits)
             # Mean over the *global* batch: the cross-replica gradient sum is then the mean.
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
-        variables = self.model.trainable_variables
-        grads = tape.gradient(loss, variables)
-        self.optimizer.apply_gradients(zip(grads, variables))
-        return self._stats(logits, labels, per_example)
+            scaled = self.optimizer.scale_loss(loss)  # loss scaling under mixed_float16
+        grads = tape.gradient(scaled, self.model.trainable_variables)
+        return grads, self._stats(logits, labels, per_example)
+
+    def _replica_train(self, images, labels):
+        grads, stats = self._compute_gradients(images, labels)
+        # Outside any XLA cluster: applying gradients all-reduces them across replicas.
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        return stats
 
     def _replica_eval(self, images, labels):
         onehot = tf.one_hot(tf.cast(labels, tf.int32), self.num_classes)
@@ -69,6 +76,9 @@ class Loop:
     # ----------------------------------------------------------------- compiled steps
     def train_step(self, iterator):
         if self._train_step is None:  # traced once per trainable set
+            self._compute_gradients = (tf.function(self._gradients, jit_compile=True)
+                                       if self.jit_compile else self._gradients)
+
             @tf.function
             def step(it):
                 return self._reduce(self.strategy.run(self._replica_train, args=next(it)))
@@ -96,6 +106,9 @@ class Loop:
                                     f"{int(self.optimizer.iterations.numpy())} (epoch {epoch + 1})")
             for k in totals:
                 totals[k] += stats[k]
+            step_number = int(self.optimizer.iterations.numpy())
+            if self.log_every_steps and step_number % self.log_every_steps == 0:
+                log.info("step %d loss %.8f", step_number, stats["loss"] / stats["count"])
             bar.update(i + 1, [("loss", totals["loss"] / totals["count"]),
                                ("acc", totals["correct"] / totals["count"])])
         return _summarise(totals, "")

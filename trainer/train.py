@@ -47,13 +47,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is not divisible by the "
                           f"{replicas} replicas of {strategy_name(strategy)}")
     chief = is_chief(strategy)
+    keras.mixed_precision.set_global_policy(cfg.trainer.precision)
+    jit = str(cfg.trainer.jit_compile).lower()
+    jit_compile = (bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices(
+        "TPU")) if jit == "auto" else jit == "true")
     # Non-chief workers must still write their checkpoint copies: to a scratch directory.
     work_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="mobilevit-worker-"))
     keras.utils.set_random_seed(cfg.seed)
     export.write_json(work_dir / "run.json", {
         "strategy": strategy_name(strategy), "replicas": replicas,
         "global_batch": cfg.trainer.batch_size,
-        "per_replica_batch": cfg.trainer.batch_size // replicas})
+        "per_replica_batch": cfg.trainer.batch_size // replicas,
+        "precision": cfg.trainer.precision, "jit_compile": jit_compile})
 
     # ------------------------------------------------------------------ input pipeline
     dataset = data.load_dataset(cfg.data)
@@ -76,6 +81,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             find_backbone(model).trainable = False  # also runs its BatchNorm in inference mode
         schedule = make_schedule(cfg.optim, cfg.schedule, steps_per_epoch, cfg.trainer.epochs)
         optimizer = make_optimizer(cfg.optim, schedule, model)
+        if cfg.trainer.precision == "mixed_float16":  # dynamic loss scaling
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         best_var = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_accuracy")
@@ -93,7 +100,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         log.info("resumed from %s at epoch %d", last.latest_checkpoint, int(epoch_var.numpy()))
 
     # ------------------------------------------------------------------ train loop
-    loop = Loop(strategy, model, optimizer, dataset.num_classes, batch, cfg.optim.label_smoothing)
+    loop = Loop(strategy, model, optimizer, dataset.num_classes, batch, cfg.optim.label_smoothing,
+                jit_compile=jit_compile, log_every_steps=cfg.trainer.log_every_steps)
     history = History(run_dir / "history.csv" if chief else None)
     writer = (tf.summary.create_file_writer(str(run_dir / "tensorboard"))
               if chief and cfg.logger.tensorboard else None)

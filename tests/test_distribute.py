@@ -1,0 +1,117 @@
+"""tf.distribute on CPU: mirrored replicas, two workers on loopback, mixed precision and XLA."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from helpers import tiny_cfg
+from trainer.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = ["data=digits", "model.pretrained=none", "data.image_size=32", "trainer.epochs=1",
+          "trainer.steps_per_epoch=3", "trainer.batch_size=16", "trainer.eval_steps=1",
+          "model.head_dropout=0", "aug=none", "logger.tensorboard=false",
+          "trainer.log_every_steps=1"]
+
+
+def run_trainer(args: list[str], env: dict | None = None, wait: bool = True):
+    cmd = [sys.executable, "-m", "trainer", *args]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    if wait:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=full_env)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=full_env)
+
+
+def step_losses(output: str) -> list[float]:
+    return [float(m) for m in re.findall(r"step \d+ loss ([0-9.]+)", output)]
+
+
+def checkpoint_tensors(run_dir: Path, number: int) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints" / "last" / f"ckpt-{number}"))
+    tensors = {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()}
+    return {k: v.astype(np.float64) for k, v in tensors.items()
+            if isinstance(v, np.ndarray) and v.dtype.kind == "f"}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and len(a) > 50
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def test_mirrored_sync_bn_matches_single_replica(tmp_path):
+    """2 logical CPU replicas + synchronized BN == 1 replica with the same global batch.
+
+    SGD at a constant rate, not Adam: some weights have an exactly-zero true gradient (attention
+    key biases), and Adam turns float rounding noise in them into full-size steps of random sign.
+    """
+    args = [*COMMON, "optim=sgd", "optim.lr=0.002", "schedule=constant", "trainer.epochs=2",
+            "trainer.steps_per_epoch=1", "trainer.export=false", "model.sync_bn=true"]
+    single = run_trainer([*args, "trainer.strategy=default", f"hydra.run.dir={tmp_path / 'one'}"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    mirrored = run_trainer([*args, "trainer.strategy=mirrored", "trainer.cpu_replicas=2",
+                            f"hydra.run.dir={tmp_path / 'two'}"])
+    assert mirrored.returncode == 0, mirrored.stderr[-3000:]
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert (run["strategy"], run["replicas"], run["per_replica_batch"]) == ("MirroredStrategy", 2, 8)
+    one = checkpoint_tensors(tmp_path / "one", 2)
+    assert max_diff(one, checkpoint_tensors(tmp_path / "two", 2)) < 1e-5
+    # The bar can fail: one training step moves the weights by far more than it.
+    assert max_diff(one, checkpoint_tensors(tmp_path / "one", 1)) > 1e-4
+    assert np.allclose(step_losses(single.stdout + single.stderr),
+                       step_losses(mirrored.stdout + mirrored.stderr), atol=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_on_loopback(tmp_path):
+    ports = [free_port(), free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    run_dir = tmp_path / "run"
+    procs = []
+    for index in range(2):
+        env = {"TF_CONFIG": json.dumps({"cluster": cluster,
+                                        "task": {"type": "worker", "index": index}})}
+        procs.append(run_trainer([*COMMON, "trainer.strategy=auto", f"hydra.run.dir={run_dir}"],
+                                 env=env, wait=False))
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[1][-3000:] + outputs[0][-3000:]
+    chief_losses, worker_losses = step_losses(outputs[0]), step_losses(outputs[1])
+    assert len(chief_losses) == 3 and chief_losses == worker_losses
+    assert "MultiWorkerMirroredStrategy with 2 replica(s)" in outputs[0]
+    # Only the chief wrote the run directory, and its export loads and predicts.
+    assert (run_dir / ".hydra").is_dir() and (run_dir / "metrics.json").is_file()
+    logs = sorted(p.name for p in run_dir.glob("*.log"))
+    assert logs == ["__main__.log"]
+    loaded = tf.saved_model.load(str(run_dir / "export" / "classifier"))
+    out = loaded.signatures["serving_default"](images=tf.zeros([2, 32, 32, 3], tf.uint8))
+    assert out["probabilities"].shape == (2, 10)
+
+
+def test_mixed_bfloat16_with_xla_exports_float32(tmp_path):
+    cfg = tiny_cfg("data=digits", "trainer.precision=mixed_bfloat16", "trainer.jit_compile=true")
+    try:
+        metrics = train(cfg, tmp_path / "run")
+    finally:
+        import keras
+        keras.mixed_precision.set_global_policy("float32")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["jit_compile"] is True
+    assert np.isfinite(metrics["val_loss"])
+    loaded = tf.saved_model.load(str(tmp_path / "run" / "export" / "classifier"))
+    sig = loaded.signatures["serve_float"]
+    assert sig.structured_input_signature[1]["images"].dtype == tf.float32
+    out = sig(images=tf.random.uniform([2, 32, 32, 3]))
+    assert out["logits"].dtype == tf.float32 and out["probabilities"].dtype == tf.float32
