@@ -8,7 +8,7 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 
 from trainer.config import register
-from trainer.precheck import CONF_DIR
+from trainer.precheck import CONF_DIR, searchpath_override
 
 TINY = ["model.pretrained=none", "data.image_size=32", "trainer.epochs=1",
         "trainer.steps_per_epoch=2", "trainer.batch_size=8", "trainer.eval_steps=2",
@@ -18,7 +18,7 @@ TINY = ["model.pretrained=none", "data.image_size=32", "trainer.epochs=1",
 def tiny_cfg(*overrides: str):
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=[*TINY, *overrides])
+        return compose("config", overrides=[*TINY, *overrides, *searchpath_override([])])
 
 
 def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 6,

@@ -11,20 +11,22 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from trainer.config import ConfigError, register, validate
-from trainer.precheck import CONF_DIR, check
+from trainer.precheck import CONF_DIR, searchpath_override, check
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ["model", "data", "aug", "optim", "schedule", "trainer", "logger", "experiment"]
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    dirs = [ROOT / "conf" / group] + ([ROOT / "recipes" / "experiment"]
+                                      if group == "experiment" else [])
+    return sorted(p.stem for d in dirs for p in d.glob("*.yaml"))
 
 
 def compose_cfg(overrides: list[str]):
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=overrides)
+        return compose("config", overrides=[*overrides, *searchpath_override([])])
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
@@ -34,6 +36,11 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
     validate(cfg)
     if group not in ("experiment", "trainer"):  # trainer options carry no name
         assert cfg[group].name == option
+
+
+def test_recipes_are_on_the_search_path():
+    cfg = compose_cfg(["experiment=digits_xxs_scratch"])
+    assert cfg.name == "digits_xxs_scratch" and cfg.data.image_size == 32
 
 
 def test_group_options_are_the_documented_ones():
@@ -48,7 +55,7 @@ def test_group_options_are_the_documented_ones():
     (["+trainer.gpus=2"], "unknown key 'trainer.gpus'"),
     (["model=mobilevit_m"], "model=mobilevit_m is not an option; choose one of mobilevit_s, "
                             "mobilevit_xs, mobilevit_xxs"),
-    (["experiment=nope"], "experiment=nope is not an option; choose one of quickstart"),
+    (["experiment=nope"], "experiment=nope is not an option; choose one of digits_xxs_scratch, quickstart"),
     (["trainer.batch_size=abc"], "trainer.batch_size: Value 'abc'"),
     (["optim.lr=-1"], "optim.lr=-1.0 is out of range; it must be > 0.0"),
     (["optim.lr=0"], "optim.lr=0.0 is out of range"),

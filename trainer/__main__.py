@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from trainer.config import ConfigError, register
-from trainer.precheck import check
+from trainer.precheck import check, searchpath_override
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -51,11 +51,13 @@ def main() -> None:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    # Extra overrides go first: Hydra's parser takes no overrides after a flag like --cfg.
+    sys.argv[1:1] = searchpath_override(sys.argv[1:])
     if _non_chief_worker():
         # Only the chief writes the run directory; Hydra would create one per process, so
         # other workers get a scratch directory and no .hydra/ output.
         scratch = tempfile.mkdtemp(prefix="mobilevit-worker-")
-        sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+        sys.argv[1:1] = [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
     register()
     app()
 

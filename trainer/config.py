@@ -76,6 +76,8 @@ class OptimConfig:
     momentum: float = 0.9  # sgd
     label_smoothing: float = 0.1
     clip_norm: Optional[float] = None
+    lr_scaling: str = "none"  # none | linear | sqrt: lr * (global batch / base_batch_size)^p
+    base_batch_size: int = 256
 
 
 @dataclass
@@ -199,6 +201,8 @@ def validate(cfg) -> None:
     _range("optim.weight_decay", o.weight_decay, 0.0)
     _range("optim.momentum", o.momentum, 0.0, 1.0, high_open=True)
     _range("optim.label_smoothing", o.label_smoothing, 0.0, 1.0, high_open=True)
+    _choice("optim.lr_scaling", o.lr_scaling, ("none", "linear", "sqrt"))
+    _range("optim.base_batch_size", o.base_batch_size, 1)
     if o.clip_norm is not None:
         _range("optim.clip_norm", o.clip_norm, 0.0, low_open=True)
 

@@ -5,18 +5,26 @@ from __future__ import annotations
 import keras
 
 
-def make_schedule(optim_cfg, schedule_cfg, steps_per_epoch: int, epochs: int):
+def scaled_lr(optim_cfg, global_batch: int) -> float:
+    """optim.lr scaled with the global batch: none, linear (Goyal et al.) or sqrt."""
+    ratio = global_batch / optim_cfg.base_batch_size
+    return optim_cfg.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[optim_cfg.lr_scaling]
+
+
+def make_schedule(optim_cfg, schedule_cfg, steps_per_epoch: int, epochs: int,
+                  global_batch: int):
+    lr = scaled_lr(optim_cfg, global_batch)
     total = max(steps_per_epoch * epochs, 1)
     warmup = min(int(round(schedule_cfg.warmup_epochs * steps_per_epoch)), total - 1)
     if schedule_cfg.name == "constant":
         if warmup == 0:
-            return optim_cfg.lr
+            return lr
         return keras.optimizers.schedules.CosineDecay(
-            0.0, decay_steps=total, alpha=1.0, warmup_target=optim_cfg.lr, warmup_steps=warmup)
+            0.0, decay_steps=total, alpha=1.0, warmup_target=lr, warmup_steps=warmup)
     # Keras' CosineDecay with a linear warmup from 0 to lr, then cosine down to alpha * lr.
     return keras.optimizers.schedules.CosineDecay(
-        0.0 if warmup else optim_cfg.lr, decay_steps=max(total - warmup, 1),
-        alpha=schedule_cfg.min_lr_ratio, warmup_target=optim_cfg.lr if warmup else None,
+        0.0 if warmup else lr, decay_steps=max(total - warmup, 1),
+        alpha=schedule_cfg.min_lr_ratio, warmup_target=lr if warmup else None,
         warmup_steps=warmup)
 
 
@@ -27,9 +35,11 @@ def make_optimizer(optim_cfg, schedule, model: keras.Model) -> keras.optimizers.
     else:
         opt = keras.optimizers.SGD(momentum=optim_cfg.momentum, nesterov=True,
                                    weight_decay=optim_cfg.weight_decay, **common)
-    # Norm scales/offsets and biases are not decayed (vectors: every 1-D weight).
+    # Norm scales/offsets and biases are not decayed: every 1-D weight, and the attention
+    # biases, which Keras' MultiHeadAttention stores as (heads, head_dim).
     opt.exclude_from_weight_decay(
-        var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
+        var_list=[v for v in model.trainable_variables
+                  if len(v.shape) <= 1 or v.path.endswith(("bias", "gamma", "beta"))])
     return opt
 
 

@@ -15,6 +15,14 @@ from omegaconf import OmegaConf
 from trainer.config import ConfigError, one_line, register, validate
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def searchpath_override(argv: list[str]) -> list[str]:
+    """recipes/ on the config search path, wherever the command runs (unless set by the user)."""
+    if any(a.lstrip("+").startswith("hydra.searchpath") for a in argv):
+        return []
+    return [f"hydra.searchpath=[file://{RECIPES_DIR}]"]
 _SKIP_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve",
                "--shell-completion", "-sc", "--package", "-p", "--version"}
 
@@ -57,6 +65,7 @@ def check(argv: list[str]) -> None:
     if split is None:
         return
     overrides, config_name, config_dir = split
+    overrides = overrides + searchpath_override(argv)
     register()
     try:
         variants = _variants(overrides)

@@ -23,7 +23,7 @@ from trainer.distribute import is_chief, make_strategy, strategy_name
 from trainer.loop import History, Loop, Timer
 from trainer.models.mobilevit import MobileViTBackbone, build_classifier
 from trainer.models.weights import find_backbone, load_pretrained
-from trainer.optim import current_lr, make_optimizer, make_schedule
+from trainer.optim import current_lr, make_optimizer, make_schedule, scaled_lr
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         "strategy": strategy_name(strategy), "replicas": replicas,
         "global_batch": cfg.trainer.batch_size,
         "per_replica_batch": cfg.trainer.batch_size // replicas,
-        "precision": cfg.trainer.precision, "jit_compile": jit_compile})
+        "precision": cfg.trainer.precision, "jit_compile": jit_compile,
+        "peak_lr": scaled_lr(cfg.optim, cfg.trainer.batch_size)})
 
     # ------------------------------------------------------------------ input pipeline
     dataset = data.load_dataset(cfg.data)
@@ -79,7 +80,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                                  cfg.model.checkpoint_format)
         if cfg.model.freeze_backbone:
             find_backbone(model).trainable = False  # also runs its BatchNorm in inference mode
-        schedule = make_schedule(cfg.optim, cfg.schedule, steps_per_epoch, cfg.trainer.epochs)
+        schedule = make_schedule(cfg.optim, cfg.schedule, steps_per_epoch, cfg.trainer.epochs,
+                                 batch)
         optimizer = make_optimizer(cfg.optim, schedule, model)
         if cfg.trainer.precision == "mixed_float16":  # dynamic loss scaling
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import keras
@@ -279,7 +280,9 @@ def load_keras_weights(model: keras.Model, path: str | os.PathLike) -> bool:
     """A `.weights.h5` written by `trainer.convert` (a 1000-class classifier of the same size)."""
     donor = _donor(find_backbone(model))
     try:
-        donor.load_weights(str(path))
+        with warnings.catch_warnings():  # Keras warns about weightless containers it skips
+            warnings.filterwarnings("ignore", message="Skipping nested container")
+            donor.load_weights(str(path))
     except Exception as e:
         raise CheckpointError(f"{path} does not fit {find_backbone(model).name} "
                               f"(expected the .weights.h5 of a 1000-class classifier written by "
