@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from helpers import tiny_cfg
@@ -101,17 +102,27 @@ def test_two_workers_on_loopback(tmp_path):
     assert out["probabilities"].shape == (2, 10)
 
 
-def test_mixed_bfloat16_with_xla_exports_float32(tmp_path):
-    cfg = tiny_cfg("data=digits", "trainer.precision=mixed_bfloat16", "trainer.jit_compile=true")
+def test_mixed_bfloat16_exports_float32_and_xla_trains(tmp_path):
+    import keras
+    from trainer.config import ConfigError
+
     try:
-        metrics = train(cfg, tmp_path / "run")
+        metrics = train(tiny_cfg("data=digits", "trainer.precision=mixed_bfloat16"),
+                        tmp_path / "bf16")
+        assert np.isfinite(metrics["val_loss"])
+        assert json.loads((tmp_path / "bf16" / "run.json").read_text())["precision"] == "mixed_bfloat16"
+        with pytest.raises(ConfigError, match="does not compile on CPU"):
+            train(tiny_cfg("data=digits", "trainer.precision=mixed_bfloat16",
+                           "trainer.jit_compile=true"), tmp_path / "both")
     finally:
-        import keras
         keras.mixed_precision.set_global_policy("float32")
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["jit_compile"] is True
-    assert np.isfinite(metrics["val_loss"])
-    loaded = tf.saved_model.load(str(tmp_path / "run" / "export" / "classifier"))
+    loaded = tf.saved_model.load(str(tmp_path / "bf16" / "export" / "classifier"))
     sig = loaded.signatures["serve_float"]
     assert sig.structured_input_signature[1]["images"].dtype == tf.float32
     out = sig(images=tf.random.uniform([2, 32, 32, 3]))
     assert out["logits"].dtype == tf.float32 and out["probabilities"].dtype == tf.float32
+
+    metrics = train(tiny_cfg("data=digits", "trainer.jit_compile=true", "trainer.export=false"),
+                    tmp_path / "xla")
+    assert json.loads((tmp_path / "xla" / "run.json").read_text())["jit_compile"] is True
+    assert np.isfinite(metrics["val_loss"])

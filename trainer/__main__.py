@@ -57,7 +57,8 @@ def main() -> None:
         # Only the chief writes the run directory; Hydra would create one per process, so
         # other workers get a scratch directory and no .hydra/ output.
         scratch = tempfile.mkdtemp(prefix="mobilevit-worker-")
-        sys.argv[1:1] = [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+        sys.argv[1:] = [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"] + [
+            a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
     register()
     app()
 

@@ -102,6 +102,13 @@ class TrainerConfig:
 
 
 @dataclass
+class ExportConfig:
+    litert: List[str] = field(default_factory=list)  # float32 | float16 | dynamic_int8 | int8
+    calibration_images: int = 128  # training images that calibrate full int8
+    check_images: int = 64  # validation images for the LiteRT agreement checks
+
+
+@dataclass
 class LoggerConfig:
     name: str = "csv"
     tensorboard: bool = True
@@ -116,6 +123,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     name: str = "run"  # short name in the run directory
     seed: int = 0
 
@@ -226,6 +234,10 @@ def validate(cfg) -> None:
                           f"trainer.cpu_replicas={t.cpu_replicas} replicas; the global batch "
                           f"must split evenly")
     _choice("logger.name", cfg.logger.name, LOGGERS)
+    for variant in cfg.export.litert:
+        _choice("export.litert[]", variant, ("float32", "float16", "dynamic_int8", "int8"))
+    _range("export.calibration_images", cfg.export.calibration_images, 1)
+    _range("export.check_images", cfg.export.check_images, 1)
     if not str(cfg.name).replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"name={cfg.name!r} must be letters, digits, '-' and '_' only")
     if cfg.seed < 0:

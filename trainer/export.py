@@ -89,6 +89,7 @@ def write_json(path: Path, data: dict) -> None:
 # --------------------------------------------------------------------------- run export
 
 TOP_K = 5
+RELOAD_TOLERANCE = {"float32": 1e-4, "mixed_float16": 1e-2, "mixed_bfloat16": 3e-2}
 
 
 def _image_signatures(net: keras.Model, image_size: int, crop_pct: float, outputs: Callable):
@@ -151,3 +152,148 @@ def save_keras(model: keras.Model, path: Path) -> Path:
     model.save(tmp)
     os.replace(tmp, path)
     return path
+
+
+def collect_images(ds: tf.data.Dataset, count: int) -> np.ndarray:
+    """Up to `count` preprocessed images from a batched (images, labels) dataset."""
+    batches, total = [], 0
+    for images, _ in ds:
+        batches.append(images.numpy())
+        total += len(batches[-1])
+        if total >= count:
+            break
+    return np.concatenate(batches)[:count]
+
+
+def export_run(model: keras.Model, class_names: list[str], cfg, run_dir: Path,
+               val_ds: tf.data.Dataset, calib_ds: tf.data.Dataset, metrics: dict) -> dict:
+    """Every export of a run, each atomic; then the reload check and the model card.
+
+    Returns what the export measured (reload difference, LiteRT sizes and agreement).
+    """
+    from trainer import litert
+
+    out = run_dir / "export"
+    size, crop = cfg.data.image_size, cfg.data.crop_pct
+    export_classifier(model, out / "classifier", class_names, size, crop)
+    export_feature_extractor(model, out / "feature_extractor", size, crop)
+    save_keras(model, out / "model.keras")
+    check = collect_images(val_ds, cfg.export.check_images)
+    expected = model(check, training=False).numpy()
+    # A broken export differs at O(1); the bar only leaves room for the precision's rounding
+    # (graph and eager execution round bfloat16 / float16 differently).
+    tolerance = RELOAD_TOLERANCE[cfg.trainer.precision]
+    result = {"reload_max_rel_diff": check_reload(out / "classifier", check, expected, "logits",
+                                                  "serve_float", atol=tolerance)}
+    if cfg.export.litert:
+        calibration = collect_images(calib_ds, cfg.export.calibration_images)
+        result["litert"] = litert.export_all(model, out / "litert", list(cfg.export.litert),
+                                             size, calibration, check)
+        write_json(out / "litert" / "checks.json", result["litert"])
+    write_model_card(out / "README.md", cfg, class_names, metrics, result)
+    return result
+
+
+def write_model_card(path: Path, cfg, class_names: list[str], metrics: dict, result: dict):
+    size, crop = cfg.data.image_size, cfg.data.crop_pct
+    shown = ", ".join(class_names[:20]) + (" ..." if len(class_names) > 20 else "")
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()
+                     if isinstance(v, float) and k.startswith(("val_", "test_")))
+    lite = "".join(f"| `litert/{r['file']}` | {r['bytes']:,} | {r['max_abs_prob_diff']:.2g} | "
+                   f"{r['top1_agreement']:.3f} | {'yes' if r['passed'] else 'no'} ({r['bar']}) |\n"
+                   for r in result.get("litert", {}).values())
+    text = f"""# {cfg.model.name} fine-tuned on {cfg.data.name}
+
+- Model: MobileViT ({cfg.model.name}), initialised from `{cfg.model.pretrained}`, new
+  {len(class_names)}-class head.
+- Data: `{cfg.data.name}` ({cfg.data.source}); classes: {shown}
+- Preprocessing (inside every signature): RGB; resize the short side to
+  ceil({size} / {crop}) pixels (bilinear, antialiased), centre-crop {size}x{size}, scale to [0, 1].
+
+## Metrics
+
+| metric | value |
+|---|---|
+{rows}
+
+## Signatures of `classifier/` (and `feature_extractor/`, which returns `features`)
+
+| signature | input | output |
+|---|---|---|
+| `serving_default` | `images`: uint8 `[N, H, W, 3]`, any size | `logits`, `probabilities`, `top_k_indices`, `top_k_names` |
+| `serve_bytes` | `images`: string `[N]`, encoded JPEG / PNG / GIF / BMP | same |
+| `serve_float` | `images`: float32 `[N, {size}, {size}, 3]`, RGB in [0, 1] | same |
+
+## Python (TensorFlow only)
+
+```python
+import tensorflow as tf
+model = tf.saved_model.load("export/classifier")
+data = tf.io.read_file("photo.jpg")
+out = model.signatures["serve_bytes"](images=tf.stack([data]))
+print(out["top_k_names"][0].numpy(), out["probabilities"][0].numpy().max())
+```
+
+## TF Serving (REST)
+
+```bash
+docker run -p 8501:8501 -v "$PWD/export/classifier:/models/classifier/1" \\
+    -e MODEL_NAME=classifier tensorflow/serving
+curl -X POST localhost:8501/v1/models/classifier:predict -d '{{
+  "signature_name": "serve_bytes",
+  "instances": [{{"b64": "'"$(base64 -w0 photo.jpg)"'"}}]
+}}'
+```
+
+## LiteRT (TFLite)
+
+```python
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+interpreter = Interpreter(model_path="export/litert/model_float32.tflite")
+runner = interpreter.get_signature_runner()
+image = np.zeros((1, {size}, {size}, 3), np.float32)  # preprocessed as above
+print(runner(images=image)["probabilities"].argmax())
+```
+
+| file | bytes | max abs prob. diff vs Keras | top-1 agreement | meets bar |
+|---|---|---|---|---|
+{lite or "| (none: set export.litert=[float32,float16,dynamic_int8,int8]) | | | | |"}
+
+## Keras
+
+`model.keras` continues fine-tuning: `import trainer.models.mobilevit` (registers the layers),
+then `keras.models.load_model("export/model.keras")`.
+"""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m trainer.export run=RUN_DIR: export an existing run again (best checkpoint)."""
+    import sys
+
+    from trainer import augment, data
+    from trainer.runs import load_config, load_model, parse_args, run_dir_arg
+
+    usage = "python -m trainer.export run=RUN_DIR"
+    args = parse_args(sys.argv[1:] if argv is None else argv, {"run": "required"}, usage)
+    run_dir = run_dir_arg(args["run"][0])
+    cfg = load_config(run_dir)
+    dataset = data.load_dataset(cfg.data)
+    model = load_model(run_dir, cfg, dataset.num_classes)
+    batch = cfg.trainer.batch_size
+    val_ds = augment.eval_pipeline(dataset.splits["val"], cfg.data, batch)
+    calib_ds = augment.eval_pipeline(dataset.splits["train"], cfg.data, batch)
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    result = export_run(model, dataset.class_names, cfg, run_dir, val_ds, calib_ds, metrics)
+    print(f"exported {run_dir / 'export'} (reload check {result['reload_max_rel_diff']:.2g})")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

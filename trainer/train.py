@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
@@ -49,11 +48,19 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     chief = is_chief(strategy)
     keras.mixed_precision.set_global_policy(cfg.trainer.precision)
     jit = str(cfg.trainer.jit_compile).lower()
-    jit_compile = (bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices(
-        "TPU")) if jit == "auto" else jit == "true")
+    accelerator = bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+    jit_compile = accelerator if jit == "auto" else jit == "true"
+    if jit_compile and not accelerator and cfg.trainer.precision != "float32":
+        # TF 2.21's XLA CPU compiler rejects the mixed-precision gradient graph ("Seen floating
+        # point types of different precisions ... mixed precision is disallowed").
+        raise ConfigError(f"trainer.jit_compile=true with trainer.precision="
+                          f"{cfg.trainer.precision} does not compile on CPU (XLA CPU rejects mixed "
+                          f"precision); use one of them on CPU, or both on a GPU")
     # Non-chief workers must still write their checkpoint copies: to a scratch directory.
     work_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="mobilevit-worker-"))
     keras.utils.set_random_seed(cfg.seed)
+    # The run carries its resolved config: evaluate, export and resume rebuild from it.
+    OmegaConf.save(cfg, work_dir / "config.yaml", resolve=True)
     export.write_json(work_dir / "run.json", {
         "strategy": strategy_name(strategy), "replicas": replicas,
         "global_batch": cfg.trainer.batch_size,
@@ -141,7 +148,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     if chief:
         export.write_json(run_dir / "dataset.json", dataset.info())
         if cfg.trainer.export:
-            metrics["export_max_rel_diff"] = export_run(model, dataset, cfg, run_dir, eval_ds["val"])
+            calib_ds = augment.eval_pipeline(dataset.splits["train"], cfg.data, batch)
+            result = export.export_run(model, dataset.class_names, cfg, run_dir, eval_ds["val"],
+                                       calib_ds, metrics)
+            metrics["export_max_rel_diff"] = result["reload_max_rel_diff"]
+            log.info("exported %s (reload check: max relative difference %.2g)",
+                     run_dir / "export", result["reload_max_rel_diff"])
         export.write_json(run_dir / "metrics.json", metrics)
     else:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -152,23 +164,3 @@ def current_lr_value(optimizer) -> float:
     return round(current_lr(optimizer), 8)
 
 
-def export_run(model: keras.Model, dataset: data.Dataset, cfg: DictConfig, run_dir: Path,
-               val_ds: tf.data.Dataset) -> float:
-    """Both SavedModels and the .keras file, then a reload check against the in-memory model."""
-    out = run_dir / "export"
-    size, crop = cfg.data.image_size, cfg.data.crop_pct
-    export.export_classifier(model, out / "classifier", dataset.class_names, size, crop)
-    export.export_feature_extractor(model, out / "feature_extractor", size, crop)
-    export.save_keras(model, out / "model.keras")
-    images = next(iter(val_ds))[0].numpy()
-    expected = model(images, training=False).numpy()
-    err = export.check_reload(out / "classifier", images, expected, "logits", "serve_float")
-    log.info("exported %s (reload check: max relative difference %.2g)", out, err)
-    return err
-
-
-def config_to_dict(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
-__all__ = ["train", "build_model", "np"]
