@@ -22,14 +22,24 @@ def app(cfg: DictConfig) -> float:
     logging.getLogger("absl").setLevel(logging.WARNING)
     from trainer.train import train  # TensorFlow starts here, after the config checks
     from trainer.data import DataError
+    from trainer.loop import NON_FINITE_EXIT, PREEMPTED_EXIT, NonFiniteLoss, Preempted
     from trainer.models.weights import CheckpointError
 
+    log = logging.getLogger("trainer")
     try:
         metrics = train(cfg, HydraConfig.get().runtime.output_dir)
     except (ConfigError, DataError, CheckpointError) as e:  # user mistakes: no traceback
-        logging.getLogger("trainer").error("%s", e)
+        log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:  # the same command resumes from the checkpoint
+        log.warning("%s", e)
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
+    except NonFiniteLoss as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(NON_FINITE_EXIT)
     return metrics["val_accuracy"]  # the objective of sweeps
 
 

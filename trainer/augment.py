@@ -1,7 +1,7 @@
 """Train / eval preprocessing and the tf.data pipelines that apply them.
 
-Every random op is *stateless*, seeded by (run seed, example counter): the same seed gives the same
-images, and a restored iterator replays exactly. The evaluation preprocessing is the one the
+Every random op is *stateless*, seeded by (run seed, epoch, example position): the same seed gives
+the same images, and a resumed run replays exactly. The evaluation preprocessing is the one the
 exported SavedModels run inside their graph.
 """
 
@@ -60,15 +60,20 @@ def train_preprocess(image: tf.Tensor, seed: tf.Tensor, data_cfg, aug_cfg) -> tf
     return image
 
 
-def train_pipeline(ds: tf.data.Dataset, data_cfg, aug_cfg, batch_size: int,
-                   seed: int) -> tf.data.Dataset:
-    """Shuffled, augmented, repeated data in global batches (a strategy splits them)."""
-    ds = ds.shuffle(data_cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter()))
+def train_pipeline(ds: tf.data.Dataset, data_cfg, aug_cfg, batch_size: int, seed: int,
+                   epoch: int = 0, skip_batches: int = 0) -> tf.data.Dataset:
+    """One epoch's augmented data in global batches (a strategy splits them), endless.
 
-    def prepare(example, counter):
+    The order and every random op are functions of (seed, epoch, position) alone, so a run
+    resumed at batch `skip_batches` of `epoch` sees exactly what an uninterrupted run sees.
+    """
+    ds = ds.shuffle(data_cfg.shuffle_buffer, seed=seed * 100_003 + epoch,
+                    reshuffle_each_iteration=False).repeat()
+    ds = ds.enumerate().skip(skip_batches * batch_size)  # skip before decoding-heavy work
+
+    def prepare(index, example):
         image, label = example
-        seed_pair = tf.stack([tf.constant(seed, tf.int64), counter])
+        seed_pair = tf.stack([tf.constant(seed, tf.int64), epoch * (1 << 32) + index])
         return train_preprocess(image, seed_pair, data_cfg, aug_cfg), label
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

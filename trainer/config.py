@@ -98,6 +98,7 @@ class TrainerConfig:
     precision: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16
     jit_compile: str = "auto"  # auto (XLA on GPU/TPU) | true | false
     log_every_steps: int = 0  # > 0: log the loss of every N-th step
+    checkpoint_every_steps: int = 0  # > 0: also checkpoint every N steps inside an epoch
     export: bool = True
 
 
@@ -228,6 +229,7 @@ def validate(cfg) -> None:
     _choice("trainer.precision", t.precision, PRECISIONS)
     _choice("trainer.jit_compile", str(t.jit_compile).lower(), ("auto", "true", "false"))
     _range("trainer.log_every_steps", t.log_every_steps, 0)
+    _range("trainer.checkpoint_every_steps", t.checkpoint_every_steps, 0)
     _range("trainer.cpu_replicas", t.cpu_replicas, 0, 64)
     if t.cpu_replicas > 1 and t.batch_size % t.cpu_replicas:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is not divisible by "

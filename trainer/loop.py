@@ -9,11 +9,15 @@ replica count, including partial last evaluation batches.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+import signal
+import types
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import keras
 import tensorflow as tf
@@ -22,7 +26,35 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss became NaN or infinite; the message names the step and the last checkpoint."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM, what schedulers expect from a job they stopped
+NON_FINITE_EXIT = 3
+
+
+@contextlib.contextmanager
+def preemption_handler():
+    """Turn SIGTERM into a flag checked after each step (main thread only; else a no-op)."""
+    state = types.SimpleNamespace(requested=False)
+
+    def handle(signum, frame):
+        log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        state.requested = True
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread
+        yield state
+        return
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Loop:
@@ -94,23 +126,27 @@ class Loop:
         return self._eval_step(batch)
 
     # ----------------------------------------------------------------- epochs
-    def train_epoch(self, iterator, steps: int, epoch: int, epochs: int, verbose: bool) -> dict:
+    def train_epoch(self, iterator, steps: int, epoch: int, epochs: int, verbose: bool,
+                    start_step: int = 0, totals: dict | None = None,
+                    on_step: Callable[[int, dict], None] | None = None) -> dict:
+        """Steps start_step..steps-1 of an epoch; `totals` carries a resumed epoch's sums."""
         bar = keras.utils.Progbar(steps, stateful_metrics=["loss", "acc"], verbose=1 if verbose else 0)
-        totals = {"loss": 0.0, "correct": 0.0, "correct_topk": 0.0, "count": 0.0}
+        totals = dict(totals or {"loss": 0.0, "correct": 0.0, "correct_topk": 0.0, "count": 0.0})
         if verbose:
             print(f"Epoch {epoch + 1}/{epochs}")
-        for i in range(steps):
+        for i in range(start_step, steps):
             stats = {k: float(v) for k, v in self.train_step(iterator).items()}
+            step_number = int(self.optimizer.iterations.numpy())
             if not math.isfinite(stats["loss"]):
-                raise NonFiniteLoss(f"non-finite loss at step "
-                                    f"{int(self.optimizer.iterations.numpy())} (epoch {epoch + 1})")
+                raise NonFiniteLoss(f"non-finite loss at step {step_number} (epoch {epoch + 1})")
             for k in totals:
                 totals[k] += stats[k]
-            step_number = int(self.optimizer.iterations.numpy())
             if self.log_every_steps and step_number % self.log_every_steps == 0:
                 log.info("step %d loss %.8f", step_number, stats["loss"] / stats["count"])
             bar.update(i + 1, [("loss", totals["loss"] / totals["count"]),
                                ("acc", totals["correct"] / totals["count"])])
+            if on_step is not None:
+                on_step(i + 1, totals)
         return _summarise(totals, "")
 
     def evaluate(self, dataset: tf.data.Dataset, max_steps: int | None = None,
@@ -133,10 +169,20 @@ def _summarise(totals: dict, prefix: str) -> dict:
 
 
 class History:
-    """Per-epoch rows appended to history.csv (one row per finished epoch)."""
+    """Per-epoch rows appended to history.csv (one row per finished epoch).
 
-    def __init__(self, path: Path | None):
+    On resume, rows of epochs after the restored checkpoint are dropped, so that every epoch
+    appears exactly once.
+    """
+
+    def __init__(self, path: Path | None, completed_epochs: int = 0):
         self.path, self.rows = path, []
+        if path is not None and path.exists():
+            with open(path, newline="") as f:
+                kept = [r for r in csv.DictReader(f) if int(r["epoch"]) <= completed_epochs]
+            path.unlink()
+            for row in kept:
+                self.append(row)
 
     def append(self, row: dict) -> None:
         self.rows.append(row)

@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer import augment, data, export
 from trainer.config import check_writable, validate, ConfigError
-from trainer.distribute import is_chief, make_strategy, strategy_name
-from trainer.loop import History, Loop, Timer
+from trainer.distribute import is_chief, make_strategy, strategy_name, use_xla
+from trainer.loop import History, Loop, NonFiniteLoss, Preempted, Timer, preemption_handler
 from trainer.models.mobilevit import MobileViTBackbone, build_classifier
 from trainer.models.weights import find_backbone, load_pretrained
 from trainer.optim import current_lr, make_optimizer, make_schedule, scaled_lr
@@ -47,15 +47,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                           f"{replicas} replicas of {strategy_name(strategy)}")
     chief = is_chief(strategy)
     keras.mixed_precision.set_global_policy(cfg.trainer.precision)
-    jit = str(cfg.trainer.jit_compile).lower()
-    accelerator = bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
-    jit_compile = accelerator if jit == "auto" else jit == "true"
-    if jit_compile and not accelerator and cfg.trainer.precision != "float32":
-        # TF 2.21's XLA CPU compiler rejects the mixed-precision gradient graph ("Seen floating
-        # point types of different precisions ... mixed precision is disallowed").
-        raise ConfigError(f"trainer.jit_compile=true with trainer.precision="
-                          f"{cfg.trainer.precision} does not compile on CPU (XLA CPU rejects mixed "
-                          f"precision); use one of them on CPU, or both on a GPU")
+    jit_compile = use_xla(cfg.trainer.jit_compile, cfg.trainer.precision)
     # Non-chief workers must still write their checkpoint copies: to a scratch directory.
     work_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="mobilevit-worker-"))
     keras.utils.set_random_seed(cfg.seed)
@@ -74,7 +66,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         data.write_skipped_report(dataset, run_dir / "skipped_files.csv")
     batch = cfg.trainer.batch_size
     steps_per_epoch = cfg.trainer.steps_per_epoch or max(dataset.counts["train"] // batch, 1)
-    train_ds = augment.train_pipeline(dataset.splits["train"], cfg.data, cfg.aug, batch, cfg.seed)
     eval_ds = {s: augment.eval_pipeline(dataset.splits[s], cfg.data, batch)
                for s in ("val", "test") if s in dataset.splits}
     log.info("data %s: %s, %d classes; %d steps of %d per epoch", dataset.name, dataset.counts,
@@ -93,33 +84,63 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         if cfg.trainer.precision == "mixed_float16":  # dynamic loss scaling
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
-        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        best_var = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_accuracy")
+        # Where the run is: epoch, step in the epoch, the epoch's running sums, best score.
+        position = {"epoch": tf.Variable(0, dtype=tf.int64, trainable=False),
+                    "step": tf.Variable(0, dtype=tf.int64, trainable=False),
+                    "best": tf.Variable(-1.0, dtype=tf.float64, trainable=False),
+                    "totals": tf.Variable(tf.zeros(4, tf.float64), trainable=False)}
     log.info("model %s (%d classes) initialised from %s", cfg.model.name, dataset.num_classes,
              source)
 
     # ------------------------------------------------------------------ checkpoints
     # The checkpoint carries the model, optimizer (with its step, hence the schedule position),
-    # the epoch and the best score so far; the config travels in .hydra/ beside it.
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var, best=best_var)
+    # the RNG states and the position; the data order is a function of (seed, epoch).
+    # Dropout / stochastic-depth RNG states are variables of the model but not among its
+    # weights, which is all a Keras model puts in a checkpoint.
+    weight_ids = {id(w) for w in model.weights}
+    rng_states = [v for v in model.variables if id(v) not in weight_ids]
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, rng=rng_states, **position)
     last = tf.train.CheckpointManager(ckpt, str(work_dir / "checkpoints" / "last"), max_to_keep=2)
     best = tf.train.CheckpointManager(ckpt, str(work_dir / "checkpoints" / "best"), max_to_keep=1)
     if last.latest_checkpoint:
         ckpt.restore(last.latest_checkpoint).expect_partial()
-        log.info("resumed from %s at epoch %d", last.latest_checkpoint, int(epoch_var.numpy()))
+        log.info("resumed from %s at epoch %d, step %d", last.latest_checkpoint,
+                 int(position["epoch"].numpy()) + 1, int(position["step"].numpy()))
 
     # ------------------------------------------------------------------ train loop
     loop = Loop(strategy, model, optimizer, dataset.num_classes, batch, cfg.optim.label_smoothing,
                 jit_compile=jit_compile, log_every_steps=cfg.trainer.log_every_steps)
-    history = History(run_dir / "history.csv" if chief else None)
+    history = History(run_dir / "history.csv" if chief else None,
+                      completed_epochs=int(position["epoch"].numpy()))
     writer = (tf.summary.create_file_writer(str(run_dir / "tensorboard"))
               if chief and cfg.logger.tensorboard else None)
-    iterator = iter(strategy.experimental_distribute_dataset(train_ds))
-    with Timer() as train_time:
-        for epoch in range(int(epoch_var.numpy()), cfg.trainer.epochs):
+    every = cfg.trainer.checkpoint_every_steps
+    keys = ("loss", "correct", "correct_topk", "count")
+
+    def on_step(step: int, totals: dict) -> None:
+        position["step"].assign(step)
+        if (every and step % every == 0) or preemption.requested:
+            position["totals"].assign([totals[k] for k in keys])
+            last.save(checkpoint_number=int(optimizer.iterations.numpy()))
+        if preemption.requested:
+            raise Preempted(f"stopped by SIGTERM at step {int(optimizer.iterations.numpy())}; "
+                            f"checkpoint {last.latest_checkpoint}")
+
+    with Timer() as train_time, preemption_handler() as preemption:
+        for epoch in range(int(position["epoch"].numpy()), cfg.trainer.epochs):
+            start_step = int(position["step"].numpy())
+            totals = dict(zip(keys, position["totals"].numpy().tolist())) if start_step else None
+            epoch_ds = augment.train_pipeline(dataset.splits["train"], cfg.data, cfg.aug, batch,
+                                              cfg.seed, epoch, skip_batches=start_step)
+            iterator = iter(strategy.experimental_distribute_dataset(epoch_ds))
             with Timer() as epoch_time:
-                row = loop.train_epoch(iterator, steps_per_epoch, epoch, cfg.trainer.epochs,
-                                       verbose=chief)
+                try:
+                    row = loop.train_epoch(iterator, steps_per_epoch, epoch, cfg.trainer.epochs,
+                                           chief, start_step, totals, on_step)
+                except NonFiniteLoss as e:
+                    raise NonFiniteLoss(f"{e}; the last good checkpoint is "
+                                        f"{last.latest_checkpoint or 'none (no epoch finished)'}, "
+                                        f"left intact") from None
                 row.update(loop.evaluate(eval_ds["val"], cfg.trainer.eval_steps, "val_"))
             row = {"epoch": epoch + 1, **row, "lr": current_lr_value(optimizer),
                    "seconds": round(epoch_time.seconds, 2)}
@@ -130,15 +151,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 with writer.as_default(step=epoch + 1):
                     for k, v in row.items():
                         tf.summary.scalar(k, v)
-            epoch_var.assign(epoch + 1)
-            if row["val_accuracy"] > best_var.numpy():
-                best_var.assign(row["val_accuracy"])
+            position["epoch"].assign(epoch + 1)
+            position["step"].assign(0)
+            position["totals"].assign(tf.zeros(4, tf.float64))
+            if row["val_accuracy"] > position["best"].numpy():
+                position["best"].assign(row["val_accuracy"])
                 best.save(checkpoint_number=epoch + 1)
-            last.save(checkpoint_number=epoch + 1)
+            last.save(checkpoint_number=int(optimizer.iterations.numpy()))
 
     # ------------------------------------------------------------------ final evaluation
     ckpt.restore(best.latest_checkpoint).expect_partial()  # the best epoch's weights
     metrics = {"best_epoch": int(best.latest_checkpoint.rsplit("-", 1)[-1]),
+               "best_val_accuracy_during_training": float(position["best"].numpy()),
                "epochs": cfg.trainer.epochs, "train_seconds": round(train_time.seconds, 2)}
     for split, ds in eval_ds.items():
         metrics.update(loop.evaluate(ds, cfg.trainer.eval_steps, f"{split}_"))

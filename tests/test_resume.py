@@ -1,0 +1,115 @@
+"""Never lose a run: exact mid-epoch resume, SIGTERM, non-finite loss."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from helpers import tiny_cfg
+from trainer.loop import Loop
+from trainer.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+RESUMABLE = ["data=digits", "trainer.epochs=2", "trainer.steps_per_epoch=3",
+             "trainer.checkpoint_every_steps=2", "trainer.export=false", "aug=basic",
+             "data.image_size=32", "model.head_dropout=0.3", "data.crop_pct=1.0"]
+
+
+def weights(run_dir: Path) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints" / "last"))
+    tensors = {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()}
+    return {k: v for k, v in tensors.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"}
+
+
+def history(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_crash_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    train(tiny_cfg(*RESUMABLE), tmp_path / "straight")
+
+    original = Loop.train_step
+    calls = {"n": 0}
+
+    def crash_at_sixth_step(self, iterator):
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 2, after its mid-epoch checkpoint at global step 5
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, iterator)
+
+    monkeypatch.setattr(Loop, "train_step", crash_at_sixth_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(*RESUMABLE), tmp_path / "resumed")
+    assert tf.train.latest_checkpoint(str(tmp_path / "resumed" / "checkpoints" / "last")).endswith("-5")
+    monkeypatch.setattr(Loop, "train_step", original)
+    train(tiny_cfg(*RESUMABLE), tmp_path / "resumed")  # the same run directory: resume
+
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+    rows_a, rows_b = history(tmp_path / "straight"), history(tmp_path / "resumed")
+    assert [r["epoch"] for r in rows_b] == ["1", "2"]  # each epoch exactly once
+    for ra, rb in zip(rows_a, rows_b):
+        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), abs=1e-6)
+        assert ra["val_accuracy"] == rb["val_accuracy"]
+
+
+def trainer_cmd(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "trainer", "data=digits", "model.pretrained=none",
+            "data.image_size=32", "trainer.batch_size=8", "trainer.eval_steps=1",
+            "trainer.export=false", "logger.tensorboard=false", f"hydra.run.dir={run_dir}", *extra]
+
+
+def test_sigterm_saves_and_resume_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = trainer_cmd(run_dir, "trainer.epochs=1", "trainer.steps_per_epoch=150",
+                      "trainer.log_every_steps=1")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    output = []
+    for line in proc.stdout:  # wait until training is under way, mid-epoch
+        output.append(line)
+        if "step 3 loss" in line:
+            break
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, "".join(output) + rest
+    assert time.monotonic() - sent < 10
+    assert "preempted: stopped by SIGTERM at step" in rest
+    saved = tf.train.latest_checkpoint(str(run_dir / "checkpoints" / "last"))
+    step = int(saved.rsplit("-", 1)[1])
+    assert 3 <= step < 150 and not (run_dir / "history.csv").exists()
+
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from {saved}" in done.stdout + done.stderr
+    assert [r["epoch"] for r in history(run_dir)] == ["1"]
+    assert tf.train.latest_checkpoint(str(run_dir / "checkpoints" / "last")).endswith("-150")
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "nan"
+    result = subprocess.run(
+        trainer_cmd(run_dir, "trainer.epochs=4", "trainer.steps_per_epoch=1", "optim.lr=1e30",
+                    "schedule=constant"),
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 3, result.stderr[-2000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: non-finite loss at step ")
+    good = message.split("the last good checkpoint is ")[1].split(",")[0]
+    assert Path(good + ".index").is_file()
+    reader = tf.train.load_checkpoint(good)  # intact and loadable
+    assert reader.get_variable_to_shape_map()
+    assert not (run_dir / "metrics.json").exists()
