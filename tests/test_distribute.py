@@ -64,8 +64,15 @@ def test_mirrored_sync_bn_matches_single_replica(tmp_path):
     assert mirrored.returncode == 0, mirrored.stderr[-3000:]
     run = json.loads((tmp_path / "two" / "run.json").read_text())
     assert (run["strategy"], run["replicas"], run["per_replica_batch"]) == ("MirroredStrategy", 2, 8)
-    one = checkpoint_tensors(tmp_path / "one", 2)
-    assert max_diff(one, checkpoint_tensors(tmp_path / "two", 2)) < 1e-5
+    one, two = checkpoint_tensors(tmp_path / "one", 2), checkpoint_tensors(tmp_path / "two", 2)
+    # Trained weights and optimizer state: within 1e-5. BatchNorm moving statistics get 1e-5
+    # relative plus absolute: Keras' synchronized BN computes the cross-replica variance as
+    # E[x^2] - E[x]^2 in float32, single-device BN uses two-pass moments.
+    moving = {k for k in one if "moving_" in k}
+    assert max_diff({k: one[k] for k in one if k not in moving},
+                    {k: two[k] for k in two if k not in moving}) < 1e-5
+    for k in moving:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-5)
     # The bar can fail: one training step moves the weights by far more than it.
     assert max_diff(one, checkpoint_tensors(tmp_path / "one", 1)) > 1e-4
     assert np.allclose(step_losses(single.stdout + single.stderr),

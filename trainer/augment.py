@@ -77,7 +77,17 @@ def train_pipeline(ds: tf.data.Dataset, data_cfg, aug_cfg, batch_size: int, seed
         return train_preprocess(image, seed_pair, data_cfg, aug_cfg), label
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_shard_by_data())
+
+
+def _shard_by_data() -> tf.data.Options:
+    """Multi-worker input: every worker runs the same deterministic pipeline and keeps its share
+    of each global batch, so each example is seen once per epoch. (Sharding by file would give
+    workers different example positions, and with them different augmentation seeds.)"""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
 
 
 def eval_pipeline(ds: tf.data.Dataset, data_cfg, batch_size: int) -> tf.data.Dataset:
@@ -85,4 +95,4 @@ def eval_pipeline(ds: tf.data.Dataset, data_cfg, batch_size: int) -> tf.data.Dat
     size, crop_pct = data_cfg.image_size, data_cfg.crop_pct
     ds = ds.map(lambda image, label: (eval_preprocess(image, size, crop_pct), label),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(_shard_by_data())
