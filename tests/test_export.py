@@ -36,7 +36,8 @@ def run(tmp_path_factory):
                    "export.litert=[float32,float16,dynamic_int8,int8]", "export.check_images=100")
     metrics = train(cfg, run_dir)
     assert metrics["val_accuracy"] >= 0.9
-    import trainer.models.mobilevit  # noqa: F401  (registers the layers for load_model)
+    from trainer.models import mobilevit  # registers the layers for load_model
+    assert mobilevit.MobileViTBackbone
     model = keras.models.load_model(run_dir / "export" / "model.keras", compile=False)
     raw = load_digits(cfg.data)
     val = np.stack([img for img, _ in raw.splits["val"].take(12).as_numpy_iterator()])

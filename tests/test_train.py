@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from omegaconf import OmegaConf
 
 from helpers import make_image_folder, tiny_cfg
 from trainer.augment import eval_preprocess
@@ -37,11 +38,11 @@ def check_run_dir(run_dir: Path, metrics: dict, class_names: list[str], with_tes
     import keras
     model = keras.models.load_model(run_dir / "export" / "model.keras", compile=False)
     loaded = tf.saved_model.load(str(run_dir / "export" / "classifier"))
-    size = model.input_shape[1] or 32
-    cfg = json.loads((run_dir / "dataset.json").read_text())
-    assert cfg["class_names"] == class_names
+    info = json.loads((run_dir / "dataset.json").read_text())
+    assert info["class_names"] == class_names
+    crop_pct = OmegaConf.load(run_dir / "config.yaml").data.crop_pct  # the run's own config
     out = loaded.signatures["serving_default"](images=tf.constant(raw_images))
-    x = eval_preprocess(tf.constant(raw_images), 32, 0.9 if "digits" not in str(run_dir) else 1.0)
+    x = eval_preprocess(tf.constant(raw_images), 32, crop_pct)
     expected = model(x, training=False).numpy()
     np.testing.assert_allclose(out["logits"].numpy(), expected, atol=1e-4 * max(1, abs(expected).max()))
     names = [n.decode() for n in out["top_k_names"].numpy()[:, 0]]
