@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-import signal
-import types
 import math
+import signal
 import time
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +31,13 @@ class NonFiniteLoss(RuntimeError):
 
 class Preempted(RuntimeError):
     """SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+
+
+STAT_KEYS = ("loss", "correct", "correct_topk", "count")  # per-epoch sums, in this order
+
+
+def zero_totals() -> dict:
+    return dict.fromkeys(STAT_KEYS, 0.0)
 
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what schedulers expect from a job they stopped
@@ -63,7 +70,10 @@ class Loop:
                  label_smoothing: float = 0.0, jit_compile: bool = False,
                  log_every_steps: int = 0):
         self.strategy, self.model, self.optimizer = strategy, model, optimizer
-        self.jit_compile, self.log_every_steps = jit_compile, log_every_steps
+        self.log_every_steps = log_every_steps
+        # XLA for the forward/backward pass only: applying gradients all-reduces across replicas.
+        self._compute_gradients = (tf.function(self._gradients, jit_compile=True)
+                                   if jit_compile else self._gradients)
         self.num_classes, self.global_batch = num_classes, global_batch
         self.top_k = min(5, num_classes)
         self.loss_fn = keras.losses.CategoricalCrossentropy(
@@ -108,9 +118,6 @@ class Loop:
     # ----------------------------------------------------------------- compiled steps
     def train_step(self, iterator):
         if self._train_step is None:  # traced once per trainable set
-            self._compute_gradients = (tf.function(self._gradients, jit_compile=True)
-                                       if self.jit_compile else self._gradients)
-
             @tf.function
             def step(it):
                 return self._reduce(self.strategy.run(self._replica_train, args=next(it)))
@@ -131,7 +138,7 @@ class Loop:
                     on_step: Callable[[int, dict], None] | None = None) -> dict:
         """Steps start_step..steps-1 of an epoch; `totals` carries a resumed epoch's sums."""
         bar = keras.utils.Progbar(steps, stateful_metrics=["loss", "acc"], verbose=1 if verbose else 0)
-        totals = dict(totals or {"loss": 0.0, "correct": 0.0, "correct_topk": 0.0, "count": 0.0})
+        totals = dict(totals or zero_totals())
         if verbose:
             print(f"Epoch {epoch + 1}/{epochs}")
         for i in range(start_step, steps):
@@ -151,7 +158,7 @@ class Loop:
 
     def evaluate(self, dataset: tf.data.Dataset, max_steps: int | None = None,
                  prefix: str = "val_") -> dict:
-        totals = {"loss": 0.0, "correct": 0.0, "correct_topk": 0.0, "count": 0.0}
+        totals = zero_totals()
         distributed = self.strategy.experimental_distribute_dataset(dataset)
         for i, batch in enumerate(distributed):
             if max_steps is not None and i >= max_steps:

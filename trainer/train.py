@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from trainer import augment, data, export
 from trainer.config import check_writable, validate, ConfigError
 from trainer.distribute import is_chief, make_strategy, strategy_name, use_xla
-from trainer.loop import History, Loop, NonFiniteLoss, Preempted, Timer, preemption_handler
+from trainer.loop import (STAT_KEYS, History, Loop, NonFiniteLoss, Preempted, Timer,
+                          preemption_handler)
 from trainer.models.mobilevit import MobileViTBackbone, build_classifier
 from trainer.models.weights import find_backbone, load_pretrained
 from trainer.optim import current_lr, make_optimizer, make_schedule, scaled_lr
@@ -88,7 +89,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         position = {"epoch": tf.Variable(0, dtype=tf.int64, trainable=False),
                     "step": tf.Variable(0, dtype=tf.int64, trainable=False),
                     "best": tf.Variable(-1.0, dtype=tf.float64, trainable=False),
-                    "totals": tf.Variable(tf.zeros(4, tf.float64), trainable=False)}
+                    "totals": tf.Variable(tf.zeros(len(STAT_KEYS), tf.float64), trainable=False)}
     log.info("model %s (%d classes) initialised from %s", cfg.model.name, dataset.num_classes,
              source)
 
@@ -115,12 +116,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     writer = (tf.summary.create_file_writer(str(run_dir / "tensorboard"))
               if chief and cfg.logger.tensorboard else None)
     every = cfg.trainer.checkpoint_every_steps
-    keys = ("loss", "correct", "correct_topk", "count")
 
     def on_step(step: int, totals: dict) -> None:
         position["step"].assign(step)
         if (every and step % every == 0) or preemption.requested:
-            position["totals"].assign([totals[k] for k in keys])
+            position["totals"].assign([totals[k] for k in STAT_KEYS])
             last.save(checkpoint_number=int(optimizer.iterations.numpy()))
         if preemption.requested:
             raise Preempted(f"stopped by SIGTERM at step {int(optimizer.iterations.numpy())}; "
@@ -129,7 +129,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     with Timer() as train_time, preemption_handler() as preemption:
         for epoch in range(int(position["epoch"].numpy()), cfg.trainer.epochs):
             start_step = int(position["step"].numpy())
-            totals = dict(zip(keys, position["totals"].numpy().tolist())) if start_step else None
+            totals = (dict(zip(STAT_KEYS, position["totals"].numpy().tolist())) if start_step
+                      else None)
             epoch_ds = augment.train_pipeline(dataset.splits["train"], cfg.data, cfg.aug, batch,
                                               cfg.seed, epoch, skip_batches=start_step)
             iterator = iter(strategy.experimental_distribute_dataset(epoch_ds))
@@ -153,7 +154,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                         tf.summary.scalar(k, v)
             position["epoch"].assign(epoch + 1)
             position["step"].assign(0)
-            position["totals"].assign(tf.zeros(4, tf.float64))
+            position["totals"].assign(tf.zeros(len(STAT_KEYS), tf.float64))
             if row["val_accuracy"] > position["best"].numpy():
                 position["best"].assign(row["val_accuracy"])
                 best.save(checkpoint_number=epoch + 1)
