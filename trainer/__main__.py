@@ -12,10 +12,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from trainer.config import ConfigError, register
-from trainer.precheck import check, searchpath_override
+from trainer.precheck import CONF_DIR, check, searchpath_override
+from trainer.rundir import resume_argv
+
+# A non-chief worker writes to a scratch directory but resumes from the chief's checkpoints.
+SHARED_RUN_DIR_ENV = "MOBILEVIT_SHARED_RUN_DIR"
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+# An absolute path: also found when this module is imported (not run) by a launcher or a test.
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def app(cfg: DictConfig) -> float:
     import logging
 
@@ -57,6 +62,7 @@ def _non_chief_worker() -> bool:
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chatter out
     try:
+        sys.argv[1:] = resume_argv(sys.argv[1:])  # resume=RUN_DIR: that run's own overrides
         check(sys.argv[1:])
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -67,6 +73,9 @@ def main() -> None:
         # Only the chief writes the run directory; Hydra would create one per process, so
         # other workers get a scratch directory and no .hydra/ output.
         scratch = tempfile.mkdtemp(prefix="mobilevit-worker-")
+        shared = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("hydra.run.dir=")]
+        if shared:
+            os.environ[SHARED_RUN_DIR_ENV] = shared[-1]
         sys.argv[1:] = [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"] + [
             a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
     register()

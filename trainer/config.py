@@ -100,6 +100,10 @@ class TrainerConfig:
     log_every_steps: int = 0  # > 0: log the loss of every N-th step
     checkpoint_every_steps: int = 0  # > 0: also checkpoint every N steps inside an epoch
     export: bool = True
+    on_nan: str = "stop"  # stop | rollback: restore the last checkpoint, lr *= nan_lr_factor
+    nan_lr_factor: float = 0.1
+    max_rollbacks: int = 3
+    allow_config_change: bool = False  # resume a run directory under a changed config
 
 
 @dataclass
@@ -130,7 +134,11 @@ class Config:
 
 
 def register() -> None:
+    """The schema, and the `unique_dir` resolver of the default run directory."""
+    from trainer.rundir import register_resolver
+
     ConfigStore.instance().store(name="config_schema", node=Config)
+    register_resolver()
 
 
 # --------------------------------------------------------------------------- validation
@@ -231,6 +239,9 @@ def validate(cfg) -> None:
     _range("trainer.log_every_steps", t.log_every_steps, 0)
     _range("trainer.checkpoint_every_steps", t.checkpoint_every_steps, 0)
     _range("trainer.cpu_replicas", t.cpu_replicas, 0, 64)
+    _choice("trainer.on_nan", t.on_nan, ("stop", "rollback"))
+    _range("trainer.nan_lr_factor", t.nan_lr_factor, 0.0, 1.0, low_open=True, high_open=True)
+    _range("trainer.max_rollbacks", t.max_rollbacks, 1)
     if t.cpu_replicas > 1 and t.batch_size % t.cpu_replicas:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is not divisible by "
                           f"trainer.cpu_replicas={t.cpu_replicas} replicas; the global batch "

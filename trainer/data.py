@@ -151,6 +151,8 @@ def _check_image(path: Path) -> str | None:
                 return "zero-sized image"
     except UnidentifiedImageError:
         return "not an image"
+    except Image.DecompressionBombError as e:  # Pillow's pixel limit (about 179 megapixels)
+        return f"image too large: {e}"
     except (OSError, SyntaxError, ValueError) as e:
         return f"cannot decode: {e}"
     return None
@@ -176,10 +178,17 @@ def _scan_classes(root: Path, on_error: str, skipped: list) -> dict[str, list[Pa
 
 
 def _decode_with_pillow(path: bytes) -> np.ndarray:
-    """Any Pillow-readable file (CMYK, 16-bit, palette, alpha, WebP, TIFF...) -> RGB uint8."""
+    """Any Pillow-readable file (CMYK, 16-bit, palette, alpha, WebP, TIFF...) -> RGB uint8.
+
+    Alpha is dropped (as the exported models' decoders do); 16-bit grey is scaled to 8 bits,
+    where Pillow's own conversion would clip it to white.
+    """
     from PIL import Image
 
     with Image.open(path.decode()) as img:
+        if img.mode.startswith("I;16") or img.mode == "I":
+            grey = (np.asarray(img, dtype=np.float32) * (255.0 / 65535.0)).round()
+            return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 

@@ -167,30 +167,34 @@ def collect_images(ds: tf.data.Dataset, count: int) -> np.ndarray:
 
 def export_run(model: keras.Model, class_names: list[str], cfg, run_dir: Path,
                val_ds: tf.data.Dataset, calib_ds: tf.data.Dataset, metrics: dict) -> dict:
-    """Every export of a run, each atomic; then the reload check and the model card.
+    """Every export of a run, the reload check and the model card: `export/` appears complete.
 
     Returns what the export measured (reload difference, LiteRT sizes and agreement).
     """
     from trainer import litert
 
-    out = run_dir / "export"
     size, crop = cfg.data.image_size, cfg.data.crop_pct
-    export_classifier(model, out / "classifier", class_names, size, crop)
-    export_feature_extractor(model, out / "feature_extractor", size, crop)
-    save_keras(model, out / "model.keras")
-    check = collect_images(val_ds, cfg.export.check_images)
-    expected = model(check, training=False).numpy()
-    # A broken export differs at O(1); the bar only leaves room for the precision's rounding
-    # (graph and eager execution round bfloat16 / float16 differently).
-    tolerance = RELOAD_TOLERANCE[cfg.trainer.precision]
-    result = {"reload_max_rel_diff": check_reload(out / "classifier", check, expected, "logits",
-                                                  "serve_float", atol=tolerance)}
-    if cfg.export.litert:
-        calibration = collect_images(calib_ds, cfg.export.calibration_images)
-        result["litert"] = litert.export_all(model, out / "litert", list(cfg.export.litert),
-                                             size, calibration, check)
-        write_json(out / "litert" / "checks.json", result["litert"])
-    write_model_card(out / "README.md", cfg, class_names, metrics, result)
+    result: dict = {}
+
+    def write(out: Path) -> None:  # into a temporary directory, swapped in when complete
+        export_classifier(model, out / "classifier", class_names, size, crop)
+        export_feature_extractor(model, out / "feature_extractor", size, crop)
+        save_keras(model, out / "model.keras")
+        check = collect_images(val_ds, cfg.export.check_images)
+        expected = model(check, training=False).numpy()
+        # A broken export differs at O(1); the bar only leaves room for the precision's rounding
+        # (graph and eager execution round bfloat16 / float16 differently).
+        tolerance = RELOAD_TOLERANCE[cfg.trainer.precision]
+        result["reload_max_rel_diff"] = check_reload(out / "classifier", check, expected,
+                                                     "logits", "serve_float", atol=tolerance)
+        if cfg.export.litert:
+            calibration = collect_images(calib_ds, cfg.export.calibration_images)
+            result["litert"] = litert.export_all(model, out / "litert", list(cfg.export.litert),
+                                                 size, calibration, check)
+            write_json(out / "litert" / "checks.json", result["litert"])
+        write_model_card(out / "README.md", cfg, class_names, metrics, result)
+
+    atomic_dir(run_dir / "export", write)
     return result
 
 

@@ -13,6 +13,7 @@ import contextlib
 import csv
 import logging
 import math
+import os
 import signal
 import time
 import types
@@ -186,21 +187,19 @@ class History:
         self.path, self.rows = path, []
         if path is not None and path.exists():
             with open(path, newline="") as f:
-                kept = [r for r in csv.DictReader(f) if int(r["epoch"]) <= completed_epochs]
-            path.unlink()
-            for row in kept:
-                self.append(row)
+                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= completed_epochs]
 
     def append(self, row: dict) -> None:
+        """Rewrite the whole (small) file and rename it into place: a kill never cuts a row."""
         self.rows.append(row)
         if self.path is None:
             return
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
 
 
 class Timer:

@@ -28,6 +28,30 @@ def make_schedule(optim_cfg, schedule_cfg, steps_per_epoch: int, epochs: int,
         warmup_steps=warmup)
 
 
+@keras.saving.register_keras_serializable(package="mobilevit_trainer")
+class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """`base(step) * scale`: `scale` is a variable that a NaN rollback lowers (and checkpoints)."""
+
+    def __init__(self, base, scale):
+        self.base, self.scale = base, scale
+
+    def __call__(self, step):
+        base = self.base(step) if callable(self.base) else self.base
+        return base * keras.ops.cast(self.scale, "float32")
+
+    def get_config(self) -> dict:
+        base = (keras.optimizers.schedules.serialize(self.base) if callable(self.base)
+                else self.base)
+        return {"base": base, "scale": float(keras.ops.convert_to_numpy(self.scale))}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        base = config["base"]
+        if isinstance(base, dict):
+            base = keras.optimizers.schedules.deserialize(base)
+        return cls(base, config["scale"])
+
+
 def make_optimizer(optim_cfg, schedule, model: keras.Model) -> keras.optimizers.Optimizer:
     common = dict(learning_rate=schedule, global_clipnorm=optim_cfg.clip_norm)
     if optim_cfg.name == "adamw":

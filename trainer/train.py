@@ -7,7 +7,9 @@ differs), else from scratch.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,14 +18,18 @@ import keras
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from trainer import augment, data, export
+from trainer import augment, data, export, rundir
+from trainer.checkpoints import restore_latest
 from trainer.config import check_writable, validate, ConfigError
 from trainer.distribute import is_chief, make_strategy, strategy_name, use_xla
 from trainer.loop import (STAT_KEYS, History, Loop, NonFiniteLoss, Preempted, Timer,
                           preemption_handler)
 from trainer.models.mobilevit import MobileViTBackbone, build_classifier
 from trainer.models.weights import find_backbone, load_pretrained
-from trainer.optim import current_lr, make_optimizer, make_schedule, scaled_lr
+from trainer.optim import ScaledSchedule, current_lr, make_optimizer, make_schedule, scaled_lr
+
+# Set by trainer/__main__.py for a non-chief worker: the chief's run directory, read to resume.
+SHARED_RUN_DIR_ENV = "MOBILEVIT_SHARED_RUN_DIR"
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     validate(cfg)
     check_writable(run_dir)
+    # Where an earlier attempt of this run left its state (the chief's directory, for workers).
+    state_dir = Path(os.environ.get(SHARED_RUN_DIR_ENV) or run_dir)
+    if tf.train.get_checkpoint_state(str(state_dir / "checkpoints" / "last")):
+        rundir.check_unchanged(state_dir, cfg)
+    finished = _finished_metrics(run_dir, cfg)
+    if finished is not None:
+        log.info("%s already holds this finished run: nothing to do", run_dir)
+        return finished
+    for path in rundir.clean_stale(run_dir):
+        log.info("removed %s, left by a killed process", path)
 
     # ------------------------------------------------------------------ strategy and seed
     strategy = make_strategy(cfg.trainer.strategy, cfg.trainer.cpu_replicas)
@@ -65,6 +81,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     dataset = data.load_dataset(cfg.data)
     if dataset.skipped and chief:
         data.write_skipped_report(dataset, run_dir / "skipped_files.csv")
+        log.warning("%d file(s) skipped as unusable; see %s", len(dataset.skipped),
+                    run_dir / "skipped_files.csv")
     batch = cfg.trainer.batch_size
     steps_per_epoch = cfg.trainer.steps_per_epoch or max(dataset.counts["train"] // batch, 1)
     eval_ds = {s: augment.eval_pipeline(dataset.splits[s], cfg.data, batch)
@@ -79,8 +97,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                                  cfg.model.checkpoint_format)
         if cfg.model.freeze_backbone:
             find_backbone(model).trainable = False  # also runs its BatchNorm in inference mode
-        schedule = make_schedule(cfg.optim, cfg.schedule, steps_per_epoch, cfg.trainer.epochs,
-                                 batch)
+        lr_scale = tf.Variable(1.0, dtype=tf.float32, trainable=False)  # lowered by rollbacks
+        schedule = ScaledSchedule(make_schedule(cfg.optim, cfg.schedule, steps_per_epoch,
+                                                cfg.trainer.epochs, batch), lr_scale)
         optimizer = make_optimizer(cfg.optim, schedule, model)
         if cfg.trainer.precision == "mixed_float16":  # dynamic loss scaling
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -92,6 +111,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                     "totals": tf.Variable(tf.zeros(len(STAT_KEYS), tf.float64), trainable=False)}
     log.info("model %s (%d classes) initialised from %s", cfg.model.name, dataset.num_classes,
              source)
+    if chief:  # enough disk for the checkpoints and exports, before hours of training
+        slots = len(optimizer.variables) // max(len(model.trainable_variables), 1)
+        rundir.check_free_space(run_dir, rundir.checkpoint_bytes(model.count_params(), slots))
 
     # ------------------------------------------------------------------ checkpoints
     # The checkpoint carries the model, optimizer (with its step, hence the schedule position),
@@ -100,13 +122,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     # weights, which is all a Keras model puts in a checkpoint.
     weight_ids = {id(w) for w in model.weights}
     rng_states = [v for v in model.variables if id(v) not in weight_ids]
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, rng=rng_states, **position)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, rng=rng_states,
+                               lr_scale=lr_scale, **position)
     last = tf.train.CheckpointManager(ckpt, str(work_dir / "checkpoints" / "last"), max_to_keep=2)
     best = tf.train.CheckpointManager(ckpt, str(work_dir / "checkpoints" / "best"), max_to_keep=1)
-    if last.latest_checkpoint:
-        ckpt.restore(last.latest_checkpoint).expect_partial()
-        log.info("resumed from %s at epoch %d, step %d", last.latest_checkpoint,
+    resumed = restore_latest(ckpt, state_dir / "checkpoints" / "last")
+    if resumed:
+        log.info("resumed from %s at epoch %d, step %d", resumed,
                  int(position["epoch"].numpy()) + 1, int(position["step"].numpy()))
+    else:  # the starting point: a rollback or a kill before the first save comes back here
+        last.save(checkpoint_number=0)
 
     # ------------------------------------------------------------------ train loop
     loop = Loop(strategy, model, optimizer, dataset.num_classes, batch, cfg.optim.label_smoothing,
@@ -126,8 +151,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             raise Preempted(f"stopped by SIGTERM at step {int(optimizer.iterations.numpy())}; "
                             f"checkpoint {last.latest_checkpoint}")
 
+    rollbacks = 0
     with Timer() as train_time, preemption_handler() as preemption:
-        for epoch in range(int(position["epoch"].numpy()), cfg.trainer.epochs):
+        while (epoch := int(position["epoch"].numpy())) < cfg.trainer.epochs:
             start_step = int(position["step"].numpy())
             totals = (dict(zip(STAT_KEYS, position["totals"].numpy().tolist())) if start_step
                       else None)
@@ -139,9 +165,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                     row = loop.train_epoch(iterator, steps_per_epoch, epoch, cfg.trainer.epochs,
                                            chief, start_step, totals, on_step)
                 except NonFiniteLoss as e:
-                    raise NonFiniteLoss(f"{e}; the last good checkpoint is "
-                                        f"{last.latest_checkpoint or 'none (no epoch finished)'}, "
-                                        f"left intact") from None
+                    good = last.latest_checkpoint
+                    if cfg.trainer.on_nan == "rollback" and rollbacks < cfg.trainer.max_rollbacks:
+                        rollbacks += 1
+                        scale = float(lr_scale.numpy()) * cfg.trainer.nan_lr_factor
+                        ckpt.restore(good).expect_partial()
+                        lr_scale.assign(scale)  # after the restore, which brought the old one
+                        log.warning("%s: rolled back to %s, learning rate x%g (rollback %d of "
+                                    "%d)", e, good, scale, rollbacks, cfg.trainer.max_rollbacks)
+                        continue
+                    raise NonFiniteLoss(f"{e}; the last good checkpoint is {good}, left intact"
+                                        + (f" ({rollbacks} rollback(s) did not help)"
+                                           if rollbacks else "")) from None
                 row.update(loop.evaluate(eval_ds["val"], cfg.trainer.eval_steps, "val_"))
             row = {"epoch": epoch + 1, **row, "lr": current_lr_value(optimizer),
                    "seconds": round(epoch_time.seconds, 2)}
@@ -161,10 +196,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             last.save(checkpoint_number=int(optimizer.iterations.numpy()))
 
     # ------------------------------------------------------------------ final evaluation
-    ckpt.restore(best.latest_checkpoint).expect_partial()  # the best epoch's weights
-    metrics = {"best_epoch": int(best.latest_checkpoint.rsplit("-", 1)[-1]),
+    # The best epoch's weights (a resumed worker may find them only in the chief's directory).
+    best_path = best.latest_checkpoint or tf.train.latest_checkpoint(
+        str(state_dir / "checkpoints" / "best"))
+    ckpt.restore(best_path).expect_partial()
+    metrics = {"best_epoch": int(best_path.rsplit("-", 1)[-1]),
                "best_val_accuracy_during_training": float(position["best"].numpy()),
-               "epochs": cfg.trainer.epochs, "train_seconds": round(train_time.seconds, 2)}
+               "epochs": cfg.trainer.epochs, "train_seconds": round(train_time.seconds, 2),
+               "nan_rollbacks": rollbacks, "lr_scale": float(lr_scale.numpy()),
+               "skipped_files": len(dataset.skipped)}
     for split, ds in eval_ds.items():
         metrics.update(loop.evaluate(ds, cfg.trainer.eval_steps, f"{split}_"))
     log.info("final: %s", metrics)
@@ -183,6 +223,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     else:
         shutil.rmtree(work_dir, ignore_errors=True)
     return metrics
+
+
+def _finished_metrics(run_dir: Path, cfg) -> dict | None:
+    """metrics.json, written last, marks a finished run (for the same number of epochs)."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    if metrics.get("epochs") == cfg.trainer.epochs:
+        return metrics
+    path.unlink()  # more epochs asked for: the run goes on and will write a new one
+    return None
 
 
 def current_lr_value(optimizer) -> float:
