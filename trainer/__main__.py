@@ -13,10 +13,7 @@ from omegaconf import DictConfig
 
 from trainer.config import ConfigError, register
 from trainer.precheck import CONF_DIR, check, searchpath_override
-from trainer.rundir import resume_argv
-
-# A non-chief worker writes to a scratch directory but resumes from the chief's checkpoints.
-SHARED_RUN_DIR_ENV = "MOBILEVIT_SHARED_RUN_DIR"
+from trainer.rundir import SHARED_RUN_DIR_ENV, resume_argv
 
 
 # An absolute path: also found when this module is imported (not run) by a launcher or a test.

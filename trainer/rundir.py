@@ -18,6 +18,9 @@ from omegaconf import OmegaConf
 
 from trainer.config import ConfigError
 
+# Set by trainer/__main__.py for a non-chief worker: the chief's run directory, read to resume.
+SHARED_RUN_DIR_ENV = "MOBILEVIT_SHARED_RUN_DIR"
+
 _claimed: dict[str, str] = {}  # Hydra may resolve hydra.run.dir more than once per process
 
 

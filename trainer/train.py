@@ -28,9 +28,6 @@ from trainer.models.mobilevit import MobileViTBackbone, build_classifier
 from trainer.models.weights import find_backbone, load_pretrained
 from trainer.optim import ScaledSchedule, current_lr, make_optimizer, make_schedule, scaled_lr
 
-# Set by trainer/__main__.py for a non-chief worker: the chief's run directory, read to resume.
-SHARED_RUN_DIR_ENV = "MOBILEVIT_SHARED_RUN_DIR"
-
 log = logging.getLogger(__name__)
 
 
@@ -46,7 +43,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     validate(cfg)
     check_writable(run_dir)
     # Where an earlier attempt of this run left its state (the chief's directory, for workers).
-    state_dir = Path(os.environ.get(SHARED_RUN_DIR_ENV) or run_dir)
+    state_dir = Path(os.environ.get(rundir.SHARED_RUN_DIR_ENV) or run_dir)
     if tf.train.get_checkpoint_state(str(state_dir / "checkpoints" / "last")):
         rundir.check_unchanged(state_dir, cfg)
     finished = _finished_metrics(run_dir, cfg)
