@@ -85,25 +85,75 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_workers_on_loopback(tmp_path):
-    ports = [free_port(), free_port()]
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    run_dir = tmp_path / "run"
+def start_workers(args: list[str], worker_log: Path) -> list[subprocess.Popen]:
+    """Chief (stdout piped) and one more worker (output to a file) on fresh loopback ports."""
+    cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
     procs = []
     for index in range(2):
         env = {"TF_CONFIG": json.dumps({"cluster": cluster,
                                         "task": {"type": "worker", "index": index}})}
-        procs.append(run_trainer([*COMMON, "trainer.strategy=auto", f"hydra.run.dir={run_dir}"],
-                                 env=env, wait=False))
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[1][-3000:] + outputs[0][-3000:]
-    chief_losses, worker_losses = step_losses(outputs[0]), step_losses(outputs[1])
-    assert len(chief_losses) == 3 and chief_losses == worker_losses
-    assert "MultiWorkerMirroredStrategy with 2 replica(s)" in outputs[0]
-    # Only the chief wrote the run directory, and its export loads and predicts.
-    assert (run_dir / ".hydra").is_dir() and (run_dir / "metrics.json").is_file()
-    logs = sorted(p.name for p in run_dir.glob("*.log"))
-    assert logs == ["__main__.log"]
+        if index == 0:
+            procs.append(run_trainer(args, env=env, wait=False))
+        else:
+            with open(worker_log, "w") as out:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "trainer", *args], cwd=ROOT, stdout=out,
+                    stderr=subprocess.STDOUT, text=True,
+                    env={**os.environ, "PYTHONPATH": str(ROOT), **env}))
+    return procs
+
+
+def numbered_losses(output: str) -> dict[int, float]:
+    return {int(s): float(v) for s, v in re.findall(r"step (\d+) loss ([0-9.]+)", output)}
+
+
+def test_two_workers_killed_and_restarted(tmp_path):
+    """Two workers on 127.0.0.1: SIGKILL the non-chief mid-epoch, then the (now stuck) chief;
+    restart both. The run resumes from the chief's last checkpoint, ends at the planned step
+    count with the same per-step losses, and only the chief ever wrote the run directory."""
+    run_dir = tmp_path / "run"
+    args = [*COMMON, "trainer.strategy=auto", "trainer.steps_per_epoch=6",
+            "trainer.checkpoint_every_steps=2", f"hydra.run.dir={run_dir}"]
+    chief, worker = start_workers(args, tmp_path / "worker-1.log")
+    before = ""
+    try:
+        for line in chief.stdout:  # until step 3 is done: the step-2 checkpoint exists
+            before += line
+            if "step 3 loss" in line:
+                break
+        else:
+            raise AssertionError(f"chief ended before step 3: {before[-3000:]}")
+        worker.kill()
+        worker.wait()
+        chief.kill()  # blocked in a collective with the dead worker
+        chief.wait()
+    finally:
+        for p in (chief, worker):
+            p.kill()
+    saved = tf.train.latest_checkpoint(str(run_dir / "checkpoints" / "last"))
+    resume_step = int(saved.rsplit("-", 1)[-1])
+    assert resume_step in (2, 4), saved
+
+    chief, worker = start_workers(args, tmp_path / "worker-2.log")
+    chief_out = chief.communicate(timeout=900)[0]
+    worker.wait(timeout=300)
+    worker_out = (tmp_path / "worker-2.log").read_text()
+    assert [chief.returncode, worker.returncode] == [0, 0], worker_out[-3000:] + chief_out[-3000:]
+    assert "MultiWorkerMirroredStrategy with 2 replica(s)" in chief_out
+    assert f"at epoch 1, step {resume_step}" in chief_out and \
+        f"at epoch 1, step {resume_step}" in worker_out
+    # Both workers ran exactly the remaining steps, in lockstep, and the steps that ran twice
+    # (after the checkpoint, before the kill) gave the same losses both times.
+    after = numbered_losses(chief_out)
+    assert sorted(after) == list(range(resume_step + 1, 7)) and after == numbered_losses(worker_out)
+    overlap = numbered_losses(before).keys() & after.keys()
+    assert all(numbered_losses(before)[s] == after[s] for s in overlap)
+    # The planned step count, and only the chief's files in the run directory.
+    assert tf.train.latest_checkpoint(str(run_dir / "checkpoints" / "last")).endswith("ckpt-6")
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".hydra", "__main__.log", "checkpoints", "config.yaml", "dataset.json", "export",
+        "history.csv", "metrics.json", "run.json"]
+    assert len((run_dir / "history.csv").read_text().splitlines()) == 2  # header + epoch 1
     loaded = tf.saved_model.load(str(run_dir / "export" / "classifier"))
     out = loaded.signatures["serving_default"](images=tf.zeros([2, 32, 32, 3], tf.uint8))
     assert out["probabilities"].shape == (2, 10)
