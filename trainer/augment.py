@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from trainer.policies import BatchMix, ImagePolicy
+
 
 def to_float(image: tf.Tensor) -> tf.Tensor:
     """uint8 RGB -> float32 RGB in [0, 1], the input of every model here."""
@@ -49,24 +51,33 @@ def random_resized_crop(image: tf.Tensor, size: int, scale, ratio, seed: tf.Tens
     return tf.clip_by_value(image, 0.0, 1.0)
 
 
-def train_preprocess(image: tf.Tensor, seed: tf.Tensor, data_cfg, aug_cfg) -> tf.Tensor:
+def train_preprocess(image: tf.Tensor, seed: tf.Tensor, data_cfg, aug_cfg,
+                     policy: ImagePolicy | None = None) -> tf.Tensor:
+    """uint8 image -> float32 [size, size, 3] in [0, 1]: crop, flip, then the image policy."""
     size = data_cfg.image_size
     if aug_cfg.random_resized_crop:
         image = random_resized_crop(image, size, aug_cfg.scale, aug_cfg.ratio, seed)
     else:
         image = eval_preprocess(image, size, data_cfg.crop_pct)
+    image = tf.ensure_shape(image, [size, size, 3])  # static: Keras' colour ops need it
     if aug_cfg.hflip:
         image = tf.image.stateless_random_flip_left_right(image, seed + 1)
-    return image
+    policy = policy or ImagePolicy(aug_cfg)
+    return policy(image, seed)
 
 
 def train_pipeline(ds: tf.data.Dataset, data_cfg, aug_cfg, batch_size: int, seed: int,
-                   epoch: int = 0, skip_batches: int = 0) -> tf.data.Dataset:
+                   epoch: int = 0, skip_batches: int = 0,
+                   num_classes: int | None = None) -> tf.data.Dataset:
     """One epoch's augmented data in global batches (a strategy splits them), endless.
 
     The order and every random op are functions of (seed, epoch, position) alone, so a run
     resumed at batch `skip_batches` of `epoch` sees exactly what an uninterrupted run sees.
+    With mixup / cutmix the labels are soft, [batch, num_classes].
     """
+    policy, mix = ImagePolicy(aug_cfg), BatchMix(aug_cfg, num_classes or 1)
+    if mix.enabled and not num_classes:
+        raise ValueError("mixup / cutmix need num_classes for their soft labels")
     ds = ds.shuffle(data_cfg.shuffle_buffer, seed=seed * 100_003 + epoch,
                     reshuffle_each_iteration=False).repeat()
     ds = ds.enumerate().skip(skip_batches * batch_size)  # skip before decoding-heavy work
@@ -74,11 +85,16 @@ def train_pipeline(ds: tf.data.Dataset, data_cfg, aug_cfg, batch_size: int, seed
     def prepare(index, example):
         image, label = example
         seed_pair = tf.stack([tf.constant(seed, tf.int64), epoch * (1 << 32) + index])
-        return train_preprocess(image, seed_pair, data_cfg, aug_cfg), label
+        return train_preprocess(image, seed_pair, data_cfg, aug_cfg, policy), label, seed_pair
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_shard_by_data())
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if mix.enabled:  # seeded by the batch's first example: replayable like the rest
+        ds = ds.map(lambda images, labels, seeds: mix(images, labels, seeds[0] + 3),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = ds.map(lambda images, labels, seeds: (images, labels))
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_shard_by_data())
 
 
 def _shard_by_data() -> tf.data.Options:

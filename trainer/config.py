@@ -16,9 +16,11 @@ from hydra.core.config_store import ConfigStore
 
 MODELS = ("mobilevit_xxs", "mobilevit_xs", "mobilevit_s")
 SOURCES = ("tfds", "folder", "digits")
-AUGS = ("none", "basic")
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
+AUGS = ("none", "basic", "randaugment", "strong")
+OPTIMIZERS = ("adamw", "sgd", "lamb", "lion")
+SCHEDULES = ("cosine", "step", "constant")
+BN_POLICIES = ("train", "frozen")
+TRAINABLE = ("all", "head")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 LOGGERS = ("csv",)
@@ -66,6 +68,14 @@ class AugConfig:
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: List[float] = field(default_factory=lambda: [0.75, 4 / 3])
     hflip: bool = True
+    color_jitter: float = 0.0  # brightness, contrast and saturation factor (timm's 0.4)
+    randaugment_ops: int = 0  # RandAugment N (0: off)
+    randaugment_magnitude: float = 9.0  # RandAugment M on timm's 0..10 scale
+    erasing_prob: float = 0.0  # random erasing probability per image
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) mix weight; 0: off
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0  # probability that a batch is mixed at all
+    switch_prob: float = 0.5  # cutmix instead of mixup, when both are on
 
 
 @dataclass
@@ -78,13 +88,33 @@ class OptimConfig:
     clip_norm: Optional[float] = None
     lr_scaling: str = "none"  # none | linear | sqrt: lr * (global batch / base_batch_size)^p
     base_batch_size: int = 256
+    layer_decay: float = 1.0  # lr x decay^(depth from the head) per backbone stage; 1: off
+    ema_decay: float = 0.0  # > 0: keep an EMA of the weights; evaluate, choose and export it
 
 
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"
     warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine: decays to min_lr_ratio * lr
+    decay_epochs: List[float] = field(default_factory=lambda: [30.0, 60.0, 90.0])  # step
+    decay_rate: float = 0.1  # step: lr x decay_rate at each of decay_epochs
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage"
+    epochs: Optional[int] = None  # None (last stage only): the rest of trainer.epochs
+    lr: Optional[float] = None  # peak lr of this stage (default optim.lr); schedule restarts
+    train: str = "all"  # all | head
+    bn: Optional[str] = None  # train | frozen (default finetune.bn)
+
+
+@dataclass
+class FinetuneConfig:
+    name: str = "full"
+    bn: str = "train"  # train | frozen: BN in inference mode, statistics and affine fixed
+    stages: List[StageConfig] = field(default_factory=list)  # empty: one stage, whole network
 
 
 @dataclass
@@ -99,6 +129,7 @@ class TrainerConfig:
     jit_compile: str = "auto"  # auto (XLA on GPU/TPU) | true | false
     log_every_steps: int = 0  # > 0: log the loss of every N-th step
     checkpoint_every_steps: int = 0  # > 0: also checkpoint every N steps inside an epoch
+    keep_checkpoints: int = 2  # the newest N under checkpoints/last (best: always 1)
     export: bool = True
     on_nan: str = "stop"  # stop | rollback: restore the last checkpoint, lr *= nan_lr_factor
     nan_lr_factor: float = 0.1
@@ -129,6 +160,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     name: str = "run"  # short name in the run directory
     seed: int = 0
 
@@ -212,6 +244,13 @@ def validate(cfg) -> None:
         raise ConfigError(f"aug.scale={list(a.scale)!r} must be [low, high] with 0 < low <= high <= 1")
     if len(a.ratio) != 2 or not 0.0 < a.ratio[0] <= a.ratio[1]:
         raise ConfigError(f"aug.ratio={list(a.ratio)!r} must be [low, high] with 0 < low <= high")
+    _range("aug.color_jitter", a.color_jitter, 0.0, 1.0)
+    _range("aug.randaugment_ops", a.randaugment_ops, 0, 10)
+    _range("aug.randaugment_magnitude", a.randaugment_magnitude, 0.0, 10.0)
+    for key in ("erasing_prob", "mix_prob", "switch_prob"):
+        _range(f"aug.{key}", a[key], 0.0, 1.0)
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        _range(f"aug.{key}", a[key], 0.0)
 
     _choice("optim.name", o.name, OPTIMIZERS)
     _range("optim.lr", o.lr, 0.0, low_open=True)
@@ -222,12 +261,33 @@ def validate(cfg) -> None:
     _range("optim.base_batch_size", o.base_batch_size, 1)
     if o.clip_norm is not None:
         _range("optim.clip_norm", o.clip_norm, 0.0, low_open=True)
+    _range("optim.layer_decay", o.layer_decay, 0.0, 1.0, low_open=True)
+    _range("optim.ema_decay", o.ema_decay, 0.0, 1.0, high_open=True)
 
     _choice("schedule.name", s.name, SCHEDULES)
     _range("schedule.warmup_epochs", s.warmup_epochs, 0.0)
     _range("schedule.min_lr_ratio", s.min_lr_ratio, 0.0, 1.0)
+    _range("schedule.decay_rate", s.decay_rate, 0.0, 1.0, low_open=True)
+    if list(s.decay_epochs) != sorted(s.decay_epochs) or any(e <= 0 for e in s.decay_epochs):
+        raise ConfigError(f"schedule.decay_epochs={list(s.decay_epochs)!r} must be increasing "
+                          f"positive epochs")
+
+    f = cfg.finetune
+    _choice("finetune.bn", f.bn, BN_POLICIES)
+    for i, stage in enumerate(f.stages):
+        if stage.epochs is not None:
+            _range(f"finetune.stages[{i}].epochs", stage.epochs, 1)
+        elif i != len(f.stages) - 1:
+            raise ConfigError(f"finetune.stages[{i}].epochs is missing; only the last stage may "
+                              f"leave it unset (it then runs the rest of trainer.epochs)")
+        if stage.lr is not None:
+            _range(f"finetune.stages[{i}].lr", stage.lr, 0.0, low_open=True)
+        _choice(f"finetune.stages[{i}].train", stage.train, TRAINABLE)
+        if stage.bn is not None:
+            _choice(f"finetune.stages[{i}].bn", stage.bn, BN_POLICIES)
 
     _range("trainer.epochs", t.epochs, 1)
+    stage_plan(cfg)  # stage epochs against trainer.epochs
     _range("trainer.batch_size", t.batch_size, 1)
     if t.steps_per_epoch is not None:
         _range("trainer.steps_per_epoch", t.steps_per_epoch, 1)
@@ -238,6 +298,7 @@ def validate(cfg) -> None:
     _choice("trainer.jit_compile", str(t.jit_compile).lower(), ("auto", "true", "false"))
     _range("trainer.log_every_steps", t.log_every_steps, 0)
     _range("trainer.checkpoint_every_steps", t.checkpoint_every_steps, 0)
+    _range("trainer.keep_checkpoints", t.keep_checkpoints, 1)
     _range("trainer.cpu_replicas", t.cpu_replicas, 0, 64)
     _choice("trainer.on_nan", t.on_nan, ("stop", "rollback"))
     _range("trainer.nan_lr_factor", t.nan_lr_factor, 0.0, 1.0, low_open=True, high_open=True)
@@ -255,6 +316,40 @@ def validate(cfg) -> None:
         raise ConfigError(f"name={cfg.name!r} must be letters, digits, '-' and '_' only")
     if cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed} must be >= 0")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One fine-tuning stage, resolved: which epochs, peak lr, what trains, BN policy."""
+
+    name: str
+    start_epoch: int
+    epochs: int
+    lr: float
+    train: str  # all | head
+    bn: str  # train | frozen
+
+
+def stage_plan(cfg) -> list[Stage]:
+    """finetune.stages resolved against trainer.epochs; no stages: one, the whole network."""
+    f, total = cfg.finetune, cfg.trainer.epochs
+    if not f.stages:
+        train = "head" if cfg.model.freeze_backbone else "all"
+        return [Stage("all", 0, total, cfg.optim.lr, train, f.bn)]
+    fixed = sum(s.epochs for s in f.stages if s.epochs is not None)
+    open_ended = f.stages[-1].epochs is None
+    if fixed + open_ended > total or (not open_ended and fixed != total):
+        sums = " + ".join(str(s.epochs) for s in f.stages if s.epochs is not None)
+        raise ConfigError(f"finetune.stages run {sums} = {fixed} epochs"
+                          f"{' and more' if open_ended else ''} but trainer.epochs={total}; "
+                          f"make them agree (a last stage without epochs takes the rest)")
+    stages, start = [], 0
+    for s in f.stages:
+        epochs = s.epochs if s.epochs is not None else total - fixed
+        stages.append(Stage(s.name, start, epochs, s.lr if s.lr is not None else cfg.optim.lr,
+                            s.train, s.bn or f.bn))
+        start += epochs
+    return stages
 
 
 def check_writable(run_dir: Path) -> None:

@@ -71,18 +71,30 @@ class Loop:
                  label_smoothing: float = 0.0, jit_compile: bool = False,
                  log_every_steps: int = 0):
         self.strategy, self.model, self.optimizer = strategy, model, optimizer
-        self.log_every_steps = log_every_steps
-        # XLA for the forward/backward pass only: applying gradients all-reduces across replicas.
-        self._compute_gradients = (tf.function(self._gradients, jit_compile=True)
-                                   if jit_compile else self._gradients)
+        self.log_every_steps, self.jit_compile = log_every_steps, jit_compile
         self.num_classes, self.global_batch = num_classes, global_batch
         self.top_k = min(5, num_classes)
         self.loss_fn = keras.losses.CategoricalCrossentropy(
             from_logits=True, label_smoothing=label_smoothing, reduction=None)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the traced steps: the next call traces for the current trainable set."""
+        # XLA for the forward/backward pass only: applying gradients all-reduces across replicas.
+        self._compute_gradients = (tf.function(self._gradients, jit_compile=True)
+                                   if self.jit_compile else self._gradients)
         self._train_step = self._eval_step = None
 
     # ----------------------------------------------------------------- per-replica work
+    def _targets(self, labels):
+        """Class indices -> one-hot; mixup / cutmix batches already carry soft labels."""
+        if labels.shape.rank == 2:
+            return tf.cast(labels, tf.float32)
+        return tf.one_hot(tf.cast(labels, tf.int32), self.num_classes)
+
     def _stats(self, logits, labels, per_example_loss):
+        if labels.shape.rank == 2:  # soft labels: accuracy against their largest class
+            labels = tf.argmax(labels, -1)
         labels = tf.cast(labels, tf.int32)
         top1 = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
         topk = tf.cast(tf.math.in_top_k(labels, logits, self.top_k), tf.float32)
@@ -91,7 +103,7 @@ class Loop:
                 "count": tf.cast(tf.shape(labels)[0], tf.float32)}
 
     def _gradients(self, images, labels):
-        onehot = tf.one_hot(tf.cast(labels, tf.int32), self.num_classes)
+        onehot = self._targets(labels)
         with tf.GradientTape() as tape:
             logits = tf.cast(self.model(images, training=True), tf.float32)
             per_example = self.loss_fn(onehot, logits)
@@ -108,7 +120,7 @@ class Loop:
         return stats
 
     def _replica_eval(self, images, labels):
-        onehot = tf.one_hot(tf.cast(labels, tf.int32), self.num_classes)
+        onehot = self._targets(labels)
         logits = tf.cast(self.model(images, training=False), tf.float32)
         return self._stats(logits, labels, self.loss_fn(onehot, logits))
 

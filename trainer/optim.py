@@ -1,21 +1,93 @@
-"""Optimizer and learning-rate schedule, counted in steps; no weight decay on norms and biases."""
+"""Optimizers and learning-rate schedules, counted in steps.
+
+- Schedules: cosine, step and constant, each with a linear warmup; with fine-tuning stages, one
+  schedule per stage, restarting at each stage's first step (`StagedSchedule`).
+- Optimizers: Keras' AdamW, SGD (Nesterov), LAMB and Lion; no weight decay on norms and biases;
+  global-norm clipping; the EMA of the weights is Keras' own (`use_ema`).
+- Layer-wise learning-rate decay: Keras optimizers have one learning rate, so `LayerDecay`
+  multiplies it per variable in `update_step` and in the decoupled weight decay (small and
+  hand-written: no Keras or TF API offers per-variable rates).
+"""
 
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 
-def scaled_lr(optim_cfg, global_batch: int) -> float:
-    """optim.lr scaled with the global batch: none, linear (Goyal et al.) or sqrt."""
+def scaled_lr(optim_cfg, global_batch: int, lr: float | None = None) -> float:
+    """The peak rate (`lr`, default optim.lr) scaled with the global batch: none, linear, sqrt."""
     ratio = global_batch / optim_cfg.base_batch_size
-    return optim_cfg.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[optim_cfg.lr_scaling]
+    factor = {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[optim_cfg.lr_scaling]
+    return (optim_cfg.lr if lr is None else lr) * factor
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+@keras.saving.register_keras_serializable(package="mobilevit_trainer")
+class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from 0 to `lr` over `warmup` steps, then lr x rate^(milestones passed)."""
+
+    def __init__(self, lr: float, warmup: int, milestones: list[int], rate: float):
+        self.lr, self.warmup, self.milestones, self.rate = lr, warmup, list(milestones), rate
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        passed = tf.reduce_sum(tf.cast(step >= tf.constant(self.milestones or [1 << 30],
+                                                           tf.float32), tf.float32))
+        decayed = self.lr * tf.pow(self.rate, passed)
+        if not self.warmup:
+            return decayed
+        return tf.where(step < self.warmup, self.lr * step / self.warmup, decayed)
+
+    def get_config(self) -> dict:
+        return {"lr": self.lr, "warmup": self.warmup, "milestones": self.milestones,
+                "rate": self.rate}
+
+
+@keras.saving.register_keras_serializable(package="mobilevit_trainer")
+class StagedSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Stage i's schedule, restarted at its first step: lr(step) = schedules[i](step - start_i)."""
+
+    def __init__(self, starts: list[int], schedules: list):
+        self.starts, self.schedules = list(starts), list(schedules)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.int64)
+        index = tf.reduce_sum(tf.cast(step >= tf.constant(self.starts[1:] or [1 << 62],
+                                                          tf.int64), tf.int32))
+
+        def branch(schedule, start):
+            return lambda: tf.cast(_call(schedule, step - start), tf.float32)
+
+        return tf.switch_case(index, [branch(s, b) for s, b in zip(self.schedules, self.starts)])
+
+    def get_config(self) -> dict:
+        return {"starts": self.starts,
+                "schedules": [keras.optimizers.schedules.serialize(s) if callable(s) else s
+                              for s in self.schedules]}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(config["starts"], [keras.optimizers.schedules.deserialize(s)
+                                      if isinstance(s, dict) else s for s in config["schedules"]])
+
+
+def _call(schedule, step):
+    return schedule(step) if callable(schedule) else tf.constant(schedule, tf.float32)
 
 
 def make_schedule(optim_cfg, schedule_cfg, steps_per_epoch: int, epochs: int,
-                  global_batch: int):
-    lr = scaled_lr(optim_cfg, global_batch)
+                  global_batch: int, lr: float | None = None):
+    """One stage's schedule over `epochs` epochs, peaking at `lr` (default optim.lr)."""
+    lr = scaled_lr(optim_cfg, global_batch, lr)
     total = max(steps_per_epoch * epochs, 1)
     warmup = min(int(round(schedule_cfg.warmup_epochs * steps_per_epoch)), total - 1)
+    if schedule_cfg.name == "step":
+        milestones = [int(round(e * steps_per_epoch)) for e in schedule_cfg.decay_epochs]
+        return StepDecay(lr, warmup, [m for m in milestones if m < total],
+                         schedule_cfg.decay_rate)
     if schedule_cfg.name == "constant":
         if warmup == 0:
             return lr
@@ -52,19 +124,74 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return cls(base, config["scale"])
 
 
-def make_optimizer(optim_cfg, schedule, model: keras.Model) -> keras.optimizers.Optimizer:
-    common = dict(learning_rate=schedule, global_clipnorm=optim_cfg.clip_norm)
-    if optim_cfg.name == "adamw":
-        opt = keras.optimizers.AdamW(weight_decay=optim_cfg.weight_decay, **common)
-    else:
-        opt = keras.optimizers.SGD(momentum=optim_cfg.momentum, nesterov=True,
-                                   weight_decay=optim_cfg.weight_decay, **common)
+# --------------------------------------------------------------------------- optimizers
+
+OPTIMIZERS = {"adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD,
+              "lamb": keras.optimizers.Lamb, "lion": keras.optimizers.Lion}
+
+
+class LayerDecay:
+    """Mixin: the learning rate (and decoupled weight decay) of each variable times its factor.
+
+    `lr_factors` maps a variable path to its factor; the optimizer must be built first.
+    """
+
+    lr_factors: dict[str, float] = {}
+
+    def _factor(self, variable) -> float:
+        built = self._trainable_variables[self._get_variable_index(variable)]
+        return self.lr_factors.get(built.path, 1.0)
+
+    def update_step(self, gradient, variable, learning_rate):
+        return super().update_step(gradient, variable, learning_rate * self._factor(variable))
+
+    def _apply_weight_decay(self, variables):
+        """Keras' TensorFlow version, with the variable's factor on the rate."""
+        if self.weight_decay is None:
+            return
+
+        def apply(distribution, variables, **kwargs):
+            for variable in variables:
+                if not self._use_weight_decay(variable):
+                    continue
+                rate = (tf.cast(self.learning_rate, variable.dtype) * self._factor(variable)
+                        * tf.cast(self.weight_decay, variable.dtype))
+                value = variable.value if isinstance(variable, keras.Variable) else variable
+                distribution.extended.update(value, lambda v, r=rate: v.assign_sub(v * r),
+                                             group=False)
+
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            apply, self._distribution_strategy, variables)
+
+
+def make_optimizer(optim_cfg, schedule, model: keras.Model,
+                   lr_factors: dict[str, float] | None = None) -> keras.optimizers.Optimizer:
+    """The configured optimizer, built on every weight any stage may train."""
+    cls = OPTIMIZERS[optim_cfg.name]
+    if lr_factors:
+        cls = type(f"LayerDecay{cls.__name__}", (LayerDecay, cls), {"lr_factors": lr_factors})
+    kwargs = dict(learning_rate=schedule, global_clipnorm=optim_cfg.clip_norm,
+                  weight_decay=optim_cfg.weight_decay)
+    if optim_cfg.ema_decay > 0:
+        kwargs.update(use_ema=True, ema_momentum=optim_cfg.ema_decay)
+    if optim_cfg.name == "sgd":
+        kwargs.update(momentum=optim_cfg.momentum, nesterov=True)
+    opt = cls(**kwargs)
     # Norm scales/offsets and biases are not decayed: every 1-D weight, and the attention
     # biases, which Keras' MultiHeadAttention stores as (heads, head_dim).
     opt.exclude_from_weight_decay(
         var_list=[v for v in model.trainable_variables
                   if len(v.shape) <= 1 or v.path.endswith(("bias", "gamma", "beta"))])
     return opt
+
+
+def ema_pairs(optimizer: keras.optimizers.Optimizer) -> tuple[list, list] | None:
+    """(variables, their EMA) as the optimizer keeps them; None without EMA."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # under loss scaling
+    if not getattr(inner, "use_ema", False):
+        return None
+    # Keras keeps the averages only in this attribute, aligned with _trainable_variables.
+    return inner._trainable_variables, inner._model_variables_moving_average
 
 
 def current_lr(optimizer: keras.optimizers.Optimizer) -> float:

@@ -67,7 +67,7 @@ def resume_argv(argv: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- guards
 
 # What a resumed run may not change: it would no longer be the run its checkpoint belongs to.
-GUARDED = ("model", "data", "aug", "optim", "schedule", "trainer.batch_size", "seed")
+GUARDED = ("model", "data", "aug", "optim", "schedule", "finetune", "trainer.batch_size", "seed")
 
 
 def _flatten(node, prefix: str = "") -> dict:

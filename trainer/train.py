@@ -18,15 +18,16 @@ import keras
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from trainer import augment, data, export, rundir
+from trainer import augment, data, export, finetune, rundir
 from trainer.checkpoints import restore_latest
-from trainer.config import check_writable, validate, ConfigError
+from trainer.config import check_writable, stage_plan, validate, ConfigError
 from trainer.distribute import is_chief, make_strategy, strategy_name, use_xla
 from trainer.loop import (STAT_KEYS, History, Loop, NonFiniteLoss, Preempted, Timer,
                           preemption_handler)
 from trainer.models.mobilevit import MobileViTBackbone, build_classifier
-from trainer.models.weights import find_backbone, load_pretrained
-from trainer.optim import ScaledSchedule, current_lr, make_optimizer, make_schedule, scaled_lr
+from trainer.models.weights import load_pretrained
+from trainer.optim import (ScaledSchedule, StagedSchedule, current_lr, ema_pairs, make_optimizer,
+                           make_schedule, scaled_lr)
 
 log = logging.getLogger(__name__)
 
@@ -88,24 +89,25 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
              dataset.num_classes, steps_per_epoch, batch)
 
     # ------------------------------------------------------------------ model and optimizer
+    stages = stage_plan(cfg)
     with strategy.scope():
         model = build_model(cfg.model, dataset.num_classes)
         source = load_pretrained(model, cfg.model.pretrained, cfg.model.name,
                                  cfg.model.checkpoint_format)
-        if cfg.model.freeze_backbone:
-            find_backbone(model).trainable = False  # also runs its BatchNorm in inference mode
         lr_scale = tf.Variable(1.0, dtype=tf.float32, trainable=False)  # lowered by rollbacks
-        schedule = ScaledSchedule(make_schedule(cfg.optim, cfg.schedule, steps_per_epoch,
-                                                cfg.trainer.epochs, batch), lr_scale)
-        optimizer = make_optimizer(cfg.optim, schedule, model)
+        schedule = ScaledSchedule(make_stage_schedules(cfg, stages, steps_per_epoch), lr_scale)
+        optimizer = make_optimizer(cfg.optim, schedule, model,
+                                   finetune.layer_decay_factors(model, cfg.optim.layer_decay))
         if cfg.trainer.precision == "mixed_float16":  # dynamic loss scaling
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        # Built on every weight any stage trains (all of them: nothing is frozen yet).
         optimizer.build(model.trainable_variables)
         # Where the run is: epoch, step in the epoch, the epoch's running sums, best score.
         position = {"epoch": tf.Variable(0, dtype=tf.int64, trainable=False),
                     "step": tf.Variable(0, dtype=tf.int64, trainable=False),
                     "best": tf.Variable(-1.0, dtype=tf.float64, trainable=False),
                     "totals": tf.Variable(tf.zeros(len(STAT_KEYS), tf.float64), trainable=False)}
+    ema = ema_pairs(optimizer)
     log.info("model %s (%d classes) initialised from %s", cfg.model.name, dataset.num_classes,
              source)
     if chief:  # enough disk for the checkpoints and exports, before hours of training
@@ -121,7 +123,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     rng_states = [v for v in model.variables if id(v) not in weight_ids]
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, rng=rng_states,
                                lr_scale=lr_scale, **position)
-    last = tf.train.CheckpointManager(ckpt, str(work_dir / "checkpoints" / "last"), max_to_keep=2)
+    last = tf.train.CheckpointManager(ckpt, str(work_dir / "checkpoints" / "last"),
+                                        max_to_keep=cfg.trainer.keep_checkpoints)
     best = tf.train.CheckpointManager(ckpt, str(work_dir / "checkpoints" / "best"), max_to_keep=1)
     resumed = restore_latest(ckpt, state_dir / "checkpoints" / "last")
     if resumed:
@@ -148,14 +151,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             raise Preempted(f"stopped by SIGTERM at step {int(optimizer.iterations.numpy())}; "
                             f"checkpoint {last.latest_checkpoint}")
 
-    rollbacks = 0
+    rollbacks, stage, trained_sets = 0, None, []
     with Timer() as train_time, preemption_handler() as preemption:
         while (epoch := int(position["epoch"].numpy())) < cfg.trainer.epochs:
+            if finetune.stage_at(stages, epoch) != stage:
+                stage = finetune.stage_at(stages, epoch)
+                trained_sets.append(finetune.apply_stage(model, stage))
+                loop.reset()  # a traced step would keep the old trainable set
+                log.info("stage %r from epoch %d: %s", stage.name, epoch + 1, trained_sets[-1])
             start_step = int(position["step"].numpy())
             totals = (dict(zip(STAT_KEYS, position["totals"].numpy().tolist())) if start_step
                       else None)
             epoch_ds = augment.train_pipeline(dataset.splits["train"], cfg.data, cfg.aug, batch,
-                                              cfg.seed, epoch, skip_batches=start_step)
+                                              cfg.seed, epoch, skip_batches=start_step,
+                                              num_classes=dataset.num_classes)
             iterator = iter(strategy.experimental_distribute_dataset(epoch_ds))
             with Timer() as epoch_time:
                 try:
@@ -174,7 +183,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                     raise NonFiniteLoss(f"{e}; the last good checkpoint is {good}, left intact"
                                         + (f" ({rollbacks} rollback(s) did not help)"
                                            if rollbacks else "")) from None
-                row.update(loop.evaluate(eval_ds["val"], cfg.trainer.eval_steps, "val_"))
+                with finetune.ema_swapped(ema):  # validate (and choose the best by) the EMA
+                    row.update(loop.evaluate(eval_ds["val"], cfg.trainer.eval_steps, "val_"))
             row = {"epoch": epoch + 1, **row, "lr": current_lr_value(optimizer),
                    "seconds": round(epoch_time.seconds, 2)}
             history.append(row)
@@ -197,11 +207,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     best_path = best.latest_checkpoint or tf.train.latest_checkpoint(
         str(state_dir / "checkpoints" / "best"))
     ckpt.restore(best_path).expect_partial()
+    finetune.use_ema(ema)  # the checkpoints keep the raw weights; evaluation and export the EMA
     metrics = {"best_epoch": int(best_path.rsplit("-", 1)[-1]),
                "best_val_accuracy_during_training": float(position["best"].numpy()),
                "epochs": cfg.trainer.epochs, "train_seconds": round(train_time.seconds, 2),
                "nan_rollbacks": rollbacks, "lr_scale": float(lr_scale.numpy()),
-               "skipped_files": len(dataset.skipped)}
+               "skipped_files": len(dataset.skipped), "ema": ema is not None,
+               "stages": trained_sets}
     for split, ds in eval_ds.items():
         metrics.update(loop.evaluate(ds, cfg.trainer.eval_steps, f"{split}_"))
     log.info("final: %s", metrics)
@@ -220,6 +232,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     else:
         shutil.rmtree(work_dir, ignore_errors=True)
     return metrics
+
+
+def make_stage_schedules(cfg, stages, steps_per_epoch: int):
+    """One schedule per stage, each restarting at the stage's first step."""
+    schedules = [make_schedule(cfg.optim, cfg.schedule, steps_per_epoch, s.epochs,
+                               cfg.trainer.batch_size, lr=s.lr) for s in stages]
+    if len(stages) == 1:
+        return schedules[0]
+    return StagedSchedule([s.start_epoch * steps_per_epoch for s in stages], schedules)
 
 
 def _finished_metrics(run_dir: Path, cfg) -> dict | None:

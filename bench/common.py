@@ -1,0 +1,114 @@
+"""What every benchmark shares: thread settings, the machine record, interleaved timing, output.
+
+Hand-written timing (not `timeit`): ours and the reference must alternate inside one repeat loop,
+so that a slow patch of the machine (another job, thermal limits) hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("mobilevit_xxs", "mobilevit_xs", "mobilevit_s")
+
+
+def set_threads(threads: int) -> None:
+    """The same intra-op thread count for TensorFlow and PyTorch (call before either runs)."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+def machine(device: str, threads: int) -> dict:
+    import keras
+    import tensorflow as tf
+
+    info = {"device": device, "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads,
+            "python": platform.python_version(), "tensorflow": tf.__version__,
+            "keras": keras.__version__}
+    try:
+        import timm
+        import torch
+        info.update(torch=torch.__version__, timm=timm.__version__)
+    except ImportError:
+        pass
+    if device == "gpu":
+        info["gpu"] = [d.name for d in tf.config.list_physical_devices("GPU")]
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def interleaved(runs: dict[str, Callable[[], None]], items_per_call: int, repeats: int,
+                calls: int = 1) -> dict[str, dict]:
+    """Throughput of each callable, measured round-robin `repeats` times: median and spread.
+
+    Each callable has been warmed up by the caller (tracing, XLA compilation, allocator).
+    """
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, seconds in times.items():
+        rates = sorted(items_per_call * calls / s for s in seconds)
+        out[name] = {"median": statistics.median(rates), "min": rates[0], "max": rates[-1],
+                     "seconds": [round(s, 4) for s in seconds]}
+    return out
+
+
+def write(task: str, rows: list[dict], info: dict) -> Path:
+    """bench/results/<task>[_<device>].json: the rows, each carrying the machine it ran on."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / (f"{task}.json" if info["device"] == "cpu" else f"{task}_{info['device']}.json")
+    for row in rows:
+        row["machine"] = info
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A Markdown table of `rows`; `columns` are (key, heading) pairs."""
+    def fmt(value):
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def speed_row(task: str, model: str, batch: int, size: int, ours: dict, ref: dict,
+              **extra) -> dict:
+    return {"task": task, "model": model, "batch": batch, "size": size,
+            "ours_img_s": round(ours["median"], 3), "ref_img_s": round(ref["median"], 3),
+            "speedup": round(ours["median"] / ref["median"], 3),
+            "ours_spread": [round(ours["min"], 3), round(ours["max"], 3)],
+            "ref_spread": [round(ref["min"], 3), round(ref["max"], 3)], **extra}

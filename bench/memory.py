@@ -1,0 +1,75 @@
+"""Peak resident memory (RSS) of a training run per backbone size, ours vs timm.
+
+Ours: a real `python -m trainer` run (digits upscaled to the size, batch 32, 3 steps and one
+evaluation, no export) in a child process. Reference: a child process that builds timm's model
+and runs 3 AdamW steps on the same batch shape. Peak RSS from the kernel (`os.wait4`).
+
+    python -m bench.memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import common
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMM_RUN = """
+import sys, torch, timm
+torch.set_num_threads({threads})
+model = timm.create_model("{model}", num_classes=10).train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+x, y = torch.rand({batch}, 3, {size}, {size}), torch.randint(0, 10, ({batch},))
+for _ in range(3):
+    opt.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()
+"""
+
+
+def peak_rss_mib(cmd: list[str], env: dict | None = None) -> float:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, **(env or {})})
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}... failed: {proc.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(common.MODELS))
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="0: all cores")
+    args = parser.parse_args(argv)
+    threads = args.threads or os.cpu_count()
+    info = common.machine("cpu", threads)
+    rows = []
+    for model in args.models:
+        with tempfile.TemporaryDirectory() as tmp:
+            ours = peak_rss_mib([
+                sys.executable, "-m", "trainer", f"model={model}", "model.pretrained=none",
+                "data=digits", f"data.image_size={args.size}", f"trainer.batch_size={args.batch}",
+                "trainer.epochs=1", "trainer.steps_per_epoch=3", "trainer.eval_steps=1",
+                "trainer.export=false", "logger.tensorboard=false", f"hydra.run.dir={tmp}/run"],
+                env={"PYTHONPATH": str(ROOT)})
+        ref = peak_rss_mib([sys.executable, "-c", TIMM_RUN.format(
+            threads=threads, model=model, batch=args.batch, size=args.size)])
+        rows.append({"task": "memory", "model": model, "batch": args.batch, "size": args.size,
+                     "ours_peak_rss_mib": round(ours), "ref_peak_rss_mib": round(ref),
+                     "ratio": round(ours / ref, 2)})
+        print(rows[-1], flush=True)
+    path = common.write("memory", rows, info)
+    print(common.table(rows, [("model", "model"), ("batch", "batch"), ("size", "size"),
+                              ("ours_peak_rss_mib", "ours MiB"),
+                              ("ref_peak_rss_mib", "timm MiB"), ("ratio", "ours / timm")]))
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Augmentation policies from Keras' own preprocessing layers, driven by stateless seeds.
+
+Keras' layers (RandAugment, RandomColorJitter, RandomErasing, MixUp, CutMix) draw their randomness
+from a `SeedGenerator` *variable*: inside `tf.data` that state depends on how many images went
+before, so a resumed run could not replay its batches. `StatelessSeed` is the one hand-written
+piece: a `SeedGenerator` whose draws are functions of a per-image (or per-batch) seed tensor, which
+`augment.py` derives from (run seed, epoch, position). Keras still does all the image work.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras.src.random.seed_generator import SeedGenerator
+
+VALUE_RANGE = (0.0, 1.0)  # images here are float32 RGB in [0, 1]
+
+
+class StatelessSeed(SeedGenerator):
+    """Draw i returns fold_in(seed, i): deterministic in the seed tensor, no variable."""
+
+    def __init__(self, seed: tf.Tensor):  # no super().__init__: it would create the variable
+        self._seed, self._draws = tf.cast(seed, tf.int64), 0
+
+    def next(self, ordered: bool = True):
+        self._draws += 1
+        return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
+
+
+def _run(layer: keras.layers.Layer, images: tf.Tensor, seed: tf.Tensor, labels=None):
+    """Apply a Keras preprocessing layer (and its sub-layers) with draws from `seed`."""
+    for sub in layer._flatten_layers(include_self=True):
+        if hasattr(sub, "generator"):
+            sub.generator = StatelessSeed(seed)  # set while tracing: bound to this seed tensor
+    transform = layer.get_random_transformation(images, training=True)
+    out = layer.transform_images(images, transform, training=True)
+    if labels is None:
+        return out
+    return out, layer.transform_labels(labels, transform, training=True)
+
+
+class ImagePolicy:
+    """Per-image colour jitter, RandAugment and random erasing, as configured (any may be off)."""
+
+    def __init__(self, aug_cfg):
+        cj = aug_cfg.color_jitter
+        self.layers = []
+        if cj > 0:
+            # Saturation x m with m in [1 - cj, 1 + cj]: Keras' factor f maps to m = f / (1 - f).
+            self.layers.append(keras.layers.RandomColorJitter(
+                value_range=VALUE_RANGE, brightness_factor=cj / 2, contrast_factor=cj,
+                saturation_factor=((1 - cj) / (2 - cj), (1 + cj) / (2 + cj))))
+        if aug_cfg.randaugment_ops:
+            self.layers.append(keras.layers.RandAugment(
+                value_range=VALUE_RANGE, num_ops=aug_cfg.randaugment_ops,
+                factor=aug_cfg.randaugment_magnitude / 10.0))  # timm's M is on a 0..10 scale
+        if aug_cfg.erasing_prob > 0:
+            p = aug_cfg.erasing_prob
+            self.layers.append(keras.layers.RandomErasing(factor=(p, p), value_range=VALUE_RANGE))
+
+    def __call__(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """image [H, W, 3] float32 in [0, 1] -> same shape, dtype and range."""
+        if not self.layers:
+            return image
+        batch = image[None]  # some Keras layers return a batch for a single image
+        for i, layer in enumerate(self.layers):
+            batch = _run(layer, batch, tf.random.experimental.stateless_fold_in(seed, 7 + i))
+        return tf.clip_by_value(tf.cast(batch[0], tf.float32), *VALUE_RANGE)
+
+
+class BatchMix:
+    """Mixup or cutmix of a whole batch, with the soft labels to match (Keras' layers)."""
+
+    def __init__(self, aug_cfg, num_classes: int):
+        self.num_classes = num_classes
+        self.mixup = (keras.layers.MixUp(alpha=aug_cfg.mixup_alpha)
+                      if aug_cfg.mixup_alpha > 0 else None)
+        self.cutmix = (keras.layers.CutMix(factor=(aug_cfg.cutmix_alpha,) * 2)
+                       if aug_cfg.cutmix_alpha > 0 else None)
+        self.mix_prob, self.switch_prob = aug_cfg.mix_prob, aug_cfg.switch_prob
+
+    @property
+    def enabled(self) -> bool:
+        return self.mixup is not None or self.cutmix is not None
+
+    def __call__(self, images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor):
+        """images [B, H, W, 3], int labels [B] -> mixed images, soft labels [B, classes]."""
+        onehot = tf.one_hot(tf.cast(labels, tf.int32), self.num_classes)
+        u = tf.random.stateless_uniform([2], seed)
+        options = [m for m in (self.mixup, self.cutmix) if m is not None]
+        mixed = [_run(m, images, tf.random.experimental.stateless_fold_in(seed, 11 + i), onehot)
+                 for i, m in enumerate(options)]
+        if len(mixed) == 2:  # cutmix with probability switch_prob, else mixup
+            use_cut = u[1] < self.switch_prob
+            mixed = [(tf.where(use_cut, mixed[1][0], mixed[0][0]),
+                      tf.where(use_cut, mixed[1][1], mixed[0][1]))]
+        out_images, out_labels = mixed[0]
+        apply = u[0] < self.mix_prob
+        return (tf.where(apply, tf.cast(out_images, tf.float32), images),
+                tf.where(apply, tf.cast(out_labels, tf.float32), onehot))
