@@ -18,6 +18,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("mobilevit_xxs", "mobilevit_xs", "mobilevit_s")
 
 
+def import_timm():
+    """timm, through the tests' stand-in for torchvision (see tests/reference.py: PyPI's
+    torchvision does not import beside the CPU torch build these machines install)."""
+    import sys
+
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from reference import _import_timm
+
+    return _import_timm()
+
+
 def set_threads(threads: int) -> None:
     """The same intra-op thread count for TensorFlow and PyTorch (call before either runs)."""
     import tensorflow as tf
@@ -39,9 +52,8 @@ def machine(device: str, threads: int) -> dict:
             "python": platform.python_version(), "tensorflow": tf.__version__,
             "keras": keras.__version__}
     try:
-        import timm
         import torch
-        info.update(torch=torch.__version__, timm=timm.__version__)
+        info.update(torch=torch.__version__, timm=import_timm().__version__)
     except ImportError:
         pass
     if device == "gpu":
@@ -105,10 +117,11 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def speed_row(task: str, model: str, batch: int, size: int, ours: dict, ref: dict,
+def speed_row(task: str, model: str, batch: int, size: int, ours_rate: dict, ref_rate: dict,
               **extra) -> dict:
+    """A result row; `ours_rate` / `ref_rate` are `interleaved` results (images/s)."""
     return {"task": task, "model": model, "batch": batch, "size": size,
-            "ours_img_s": round(ours["median"], 3), "ref_img_s": round(ref["median"], 3),
-            "speedup": round(ours["median"] / ref["median"], 3),
-            "ours_spread": [round(ours["min"], 3), round(ours["max"], 3)],
-            "ref_spread": [round(ref["min"], 3), round(ref["max"], 3)], **extra}
+            "ours_img_s": round(ours_rate["median"], 3), "ref_img_s": round(ref_rate["median"], 3),
+            "speedup": round(ours_rate["median"] / ref_rate["median"], 3),
+            "ours_spread": [round(ours_rate["min"], 3), round(ours_rate["max"], 3)],
+            "ref_spread": [round(ref_rate["min"], 3), round(ref_rate["max"], 3)], **extra}

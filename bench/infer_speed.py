@@ -56,8 +56,9 @@ def litert_call(flatbuffer: bytes, image: np.ndarray, threads: int):
 
 
 def timm_call(model_name: str, images: np.ndarray, device: str):
-    import timm
     import torch
+
+    timm = common.import_timm()
 
     dev = "cuda" if device == "gpu" else "cpu"
     model = timm.create_model(model_name, num_classes=CLASSES).to(dev).eval()

@@ -20,7 +20,10 @@ from bench import common
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMM_RUN = """
-import sys, torch, timm
+import sys, torch
+sys.path.insert(0, "bench/..")
+from bench.common import import_timm
+timm = import_timm()
 torch.set_num_threads({threads})
 model = timm.create_model("{model}", num_classes=10).train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -52,7 +52,8 @@ def pipeline_rate(folder: Path, aug: str, size: int, batch: int, batches: int) -
                                            f"data.image_size={size}", "data.val_fraction=0.05",
                                            *searchpath_override([])])
     dataset = data.load_dataset(cfg.data)
-    ds = augment.train_pipeline(dataset.splits["train"], cfg.data, cfg.aug, batch, cfg.seed)
+    ds = augment.train_pipeline(dataset.splits["train"], cfg.data, cfg.aug, batch, cfg.seed,
+                                num_classes=dataset.num_classes)
     iterator = iter(ds)
     for _ in range(3):  # fill the prefetch buffers and autotune
         next(iterator)

@@ -45,8 +45,9 @@ def ours_step(model_name: str, batch: int, size: int, xla: bool, device: str):
 
 
 def timm_step(model_name: str, batch: int, size: int, device: str):
-    import timm
     import torch
+
+    timm = common.import_timm()
 
     dev = "cuda" if device == "gpu" else "cpu"
     model = timm.create_model(model_name, num_classes=CLASSES).to(dev).train()

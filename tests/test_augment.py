@@ -82,3 +82,35 @@ def test_train_pipeline_strong_replays_and_yields_soft_labels():
         np.testing.assert_array_equal(a_lab, b_lab)
     np.testing.assert_array_equal(resumed[0][0], first[2][0])  # a resumed run replays batch 2
     np.testing.assert_array_equal(resumed[0][1], first[2][1])
+
+
+def test_multiscale_batches_keep_pixels_per_batch_and_train(tmp_path):
+    """Batches at 16/24/32 px with 32/14/8 images (pixels per batch ~constant), replayable on
+    resume, and the training step takes them all."""
+    import keras
+
+    from trainer.loop import Loop
+    from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+
+    cfg = tiny_cfg("aug=basic", "aug.multiscale_sizes=[16,24,32]")
+    ds = tf.data.Dataset.from_tensor_slices((
+        tf.cast(tf.random.stateless_uniform([64, 40, 40, 3], [3, 4], maxval=255), tf.uint8),
+        tf.range(64, dtype=tf.int64) % 3))
+    batches = list(augment.train_pipeline(ds, cfg.data, cfg.aug, 8, seed=1).take(6))
+    plan = augment.multiscale_plan([16, 24, 32], 32, 8, seed=1, epoch=0)
+    shapes = [tuple(images.shape) for images, _ in batches]
+    assert shapes == [(int(c), int(s), int(s), 3) for s, c in zip(*plan)][:6]
+    assert {s: c for s, c in zip(*plan)} == {16: 32, 24: 14, 32: 8}
+    assert len({shape[1] for shape in shapes}) > 1  # several resolutions in six batches
+    pixels = [shape[0] * shape[1] ** 2 for shape in shapes]
+    assert max(pixels) / min(pixels) < 1.05
+    resumed = next(iter(augment.train_pipeline(ds, cfg.data, cfg.aug, 8, seed=1,
+                                               skip_batches=4)))
+    np.testing.assert_array_equal(resumed[0], batches[4][0])
+
+    model = build_classifier(MobileViTBackbone.from_preset("mobilevit_xxs"), 3)
+    optimizer = keras.optimizers.AdamW(1e-3)
+    loop = Loop(tf.distribute.get_strategy(), model, optimizer, 3, 8)
+    iterator = iter(augment.train_pipeline(ds, cfg.data, cfg.aug, 8, seed=1))
+    losses = [float(loop.train_step(iterator)["loss"]) for _ in range(4)]
+    assert int(optimizer.iterations.numpy()) == 4 and np.isfinite(losses).all()

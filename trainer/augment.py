@@ -7,6 +7,7 @@ exported SavedModels run inside their graph.
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from trainer.policies import BatchMix, ImagePolicy
@@ -26,7 +27,7 @@ def eval_preprocess(image: tf.Tensor, size: int, crop_pct: float) -> tf.Tensor:
     image = to_float(image) if image.dtype == tf.uint8 else tf.cast(image, tf.float32)
     shape = tf.shape(image)
     h, w = tf.cast(shape[-3], tf.float32), tf.cast(shape[-2], tf.float32)
-    short = tf.cast(tf.math.ceil(size / crop_pct), tf.float32)
+    short = tf.math.ceil(tf.cast(size, tf.float32) / crop_pct)
     scale = short / tf.minimum(h, w)
     new_h = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), size)
     new_w = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), size)
@@ -52,43 +53,79 @@ def random_resized_crop(image: tf.Tensor, size: int, scale, ratio, seed: tf.Tens
 
 
 def train_preprocess(image: tf.Tensor, seed: tf.Tensor, data_cfg, aug_cfg,
-                     policy: ImagePolicy | None = None) -> tf.Tensor:
-    """uint8 image -> float32 [size, size, 3] in [0, 1]: crop, flip, then the image policy."""
-    size = data_cfg.image_size
+                     policy: ImagePolicy | None = None, size=None) -> tf.Tensor:
+    """uint8 image -> float32 [size, size, 3] in [0, 1]: crop, flip, then the image policy.
+
+    `size` (default data.image_size) may be a tensor: multi-scale batches choose it per batch.
+    """
+    size = data_cfg.image_size if size is None else size
     if aug_cfg.random_resized_crop:
         image = random_resized_crop(image, size, aug_cfg.scale, aug_cfg.ratio, seed)
     else:
         image = eval_preprocess(image, size, data_cfg.crop_pct)
-    image = tf.ensure_shape(image, [size, size, 3])  # static: Keras' colour ops need it
+    static = size if isinstance(size, int) else None
+    image = tf.ensure_shape(image, [static, static, 3])  # Keras' colour ops need the channels
     if aug_cfg.hflip:
         image = tf.image.stateless_random_flip_left_right(image, seed + 1)
     policy = policy or ImagePolicy(aug_cfg)
     return policy(image, seed)
 
 
+def multiscale_plan(sizes, base_size: int, batch_size: int, seed: int, epoch: int,
+                    batches: int = 64, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(size, batch) of each of `batches` batches, repeated cyclically: sizes drawn from
+    `sizes` by (seed, epoch); batch x (base / size)^2 keeps pixels per batch about constant
+    (ml-cvnets' variable batch sampler), rounded down to a multiple of the replica count."""
+    rng = np.random.default_rng([seed, epoch, 7])
+    chosen = rng.choice(np.asarray(sizes, np.int64), batches)
+    counts = np.maximum(batch_size * (base_size / chosen) ** 2 // multiple, 1) * multiple
+    return chosen, counts.astype(np.int64)
+
+
 def train_pipeline(ds: tf.data.Dataset, data_cfg, aug_cfg, batch_size: int, seed: int,
-                   epoch: int = 0, skip_batches: int = 0,
-                   num_classes: int | None = None) -> tf.data.Dataset:
+                   epoch: int = 0, skip_batches: int = 0, num_classes: int | None = None,
+                   replicas: int = 1) -> tf.data.Dataset:
     """One epoch's augmented data in global batches (a strategy splits them), endless.
 
     The order and every random op are functions of (seed, epoch, position) alone, so a run
     resumed at batch `skip_batches` of `epoch` sees exactly what an uninterrupted run sees.
-    With mixup / cutmix the labels are soft, [batch, num_classes].
+    With mixup / cutmix the labels are soft, [batch, num_classes]. With `aug.multiscale_sizes`
+    batches come at several resolutions and sizes (see `multiscale_plan`).
     """
     policy, mix = ImagePolicy(aug_cfg), BatchMix(aug_cfg, num_classes or 1)
     if mix.enabled and not num_classes:
         raise ValueError("mixup / cutmix need num_classes for their soft labels")
+    multiscale = bool(aug_cfg.multiscale_sizes)
+    if multiscale:
+        plan_sizes, plan_counts = multiscale_plan(aug_cfg.multiscale_sizes, data_cfg.image_size,
+                                                  batch_size, seed, epoch, multiple=replicas)
+    else:
+        plan_sizes, plan_counts = np.array([data_cfg.image_size]), np.array([batch_size])
+    n, period = len(plan_counts), int(plan_counts.sum())  # the plan repeats every n batches
+    ends = tf.constant(np.cumsum(plan_counts))  # example index where each planned batch ends
+    sizes, counts = tf.constant(plan_sizes), tf.constant(plan_counts)
+    start = skip_batches // n * period + int(plan_counts[:skip_batches % n].sum())
     ds = ds.shuffle(data_cfg.shuffle_buffer, seed=seed * 100_003 + epoch,
                     reshuffle_each_iteration=False).repeat()
-    ds = ds.enumerate().skip(skip_batches * batch_size)  # skip before decoding-heavy work
+    ds = ds.enumerate().skip(start)  # skip before decoding-heavy work
 
     def prepare(index, example):
         image, label = example
         seed_pair = tf.stack([tf.constant(seed, tf.int64), epoch * (1 << 32) + index])
-        return train_preprocess(image, seed_pair, data_cfg, aug_cfg, policy), label, seed_pair
+        within = tf.searchsorted(ends, [index % period], side="right", out_type=tf.int64)[0]
+        batch = index // period * n + within
+        size = sizes[batch % n] if multiscale else None
+        image = train_preprocess(image, seed_pair, data_cfg, aug_cfg, policy, size)
+        return image, label, seed_pair, batch
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True)
+    if multiscale:  # the consecutive examples of one planned batch -> that batch
+        ds = ds.group_by_window(key_func=lambda image, label, s, batch: batch,
+                                reduce_func=lambda key, window: window.batch(counts[key % n]),
+                                window_size_func=lambda key: counts[key % n])
+    else:
+        ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda images, labels, seeds, batch: (images, labels, seeds))
     if mix.enabled:  # seeded by the batch's first example: replayable like the rest
         ds = ds.map(lambda images, labels, seeds: mix(images, labels, seeds[0] + 3),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

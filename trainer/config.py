@@ -76,6 +76,7 @@ class AugConfig:
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0  # probability that a batch is mixed at all
     switch_prob: float = 0.5  # cutmix instead of mixup, when both are on
+    multiscale_sizes: List[int] = field(default_factory=list)  # e.g. [160, 192, 224, 256, 288]
 
 
 @dataclass
@@ -251,6 +252,8 @@ def validate(cfg) -> None:
         _range(f"aug.{key}", a[key], 0.0, 1.0)
     for key in ("mixup_alpha", "cutmix_alpha"):
         _range(f"aug.{key}", a[key], 0.0)
+    for size in a.multiscale_sizes:
+        _range("aug.multiscale_sizes[]", size, 8, 2048)
 
     _choice("optim.name", o.name, OPTIMIZERS)
     _range("optim.lr", o.lr, 0.0, low_open=True)

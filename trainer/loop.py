@@ -107,8 +107,9 @@ class Loop:
         with tf.GradientTape() as tape:
             logits = tf.cast(self.model(images, training=True), tf.float32)
             per_example = self.loss_fn(onehot, logits)
-            # Mean over the *global* batch: the cross-replica gradient sum is then the mean.
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
+            # Mean over the *global* batch (this replica's batch x replicas; multi-scale batches
+            # vary in size): the cross-replica gradient sum is then the mean.
+            loss = tf.nn.compute_average_loss(per_example)
             scaled = self.optimizer.scale_loss(loss)  # loss scaling under mixed_float16
         grads = tape.gradient(scaled, self.model.trainable_variables)
         return grads, self._stats(logits, labels, per_example)
@@ -131,7 +132,8 @@ class Loop:
     # ----------------------------------------------------------------- compiled steps
     def train_step(self, iterator):
         if self._train_step is None:  # traced once per trainable set
-            @tf.function
+            # reduce_retracing: multi-scale batches differ in shape; one relaxed trace serves all.
+            @tf.function(reduce_retracing=True)
             def step(it):
                 return self._reduce(self.strategy.run(self._replica_train, args=next(it)))
             self._train_step = step

@@ -164,7 +164,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                       else None)
             epoch_ds = augment.train_pipeline(dataset.splits["train"], cfg.data, cfg.aug, batch,
                                               cfg.seed, epoch, skip_batches=start_step,
-                                              num_classes=dataset.num_classes)
+                                              num_classes=dataset.num_classes, replicas=replicas)
             iterator = iter(strategy.experimental_distribute_dataset(epoch_ds))
             with Timer() as epoch_time:
                 try:
