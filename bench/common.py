@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 MODELS = ("mobilevit_xxs", "mobilevit_xs", "mobilevit_s")
 
 
@@ -95,7 +96,8 @@ def interleaved(runs: dict[str, Callable[[], None]], items_per_call: int, repeat
 def write(task: str, rows: list[dict], info: dict) -> Path:
     """bench/results/<task>[_<device>].json: the rows, each carrying the machine it ran on."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / (f"{task}.json" if info["device"] == "cpu" else f"{task}_{info['device']}.json")
+    suffix = "" if info["device"] == "cpu" else f"_{info['device']}"
+    path = RESULTS / f"{task}{suffix}.json"
     for row in rows:
         row["machine"] = info
     tmp = path.with_suffix(".tmp")

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         continue
                     rows.append(common.speed_row(
                         "infer", name, batch, args.size, r[variant], r["timm"], ours=variant,
-                        ref="timm eager", ours_ms_per_batch=round(1000 * batch / r[variant]["median"], 2),
+                        ref="timm eager",
+                        ours_ms_per_batch=round(1000 * batch / r[variant]["median"], 2),
                         ref_ms_per_batch=round(1000 * batch / r["timm"]["median"], 2)))
                     print(name, batch, variant, rows[-1]["ours_ms_per_batch"], "ms vs",
                           rows[-1]["ref_ms_per_batch"], "ms", flush=True)

@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name in common.MODELS:
         macs = count_macs(name, args.size)
-        rates = [r["ours_img_s"] for r in train_rows if r["model"] == name and r["size"] == args.size]
-        refs = [r["ref_img_s"] for r in train_rows if r["model"] == name and r["size"] == args.size]
+        same = [r for r in train_rows if r["model"] == name and r["size"] == args.size]
+        rates, refs = [r["ours_img_s"] for r in same], [r["ref_img_s"] for r in same]
         row = {"task": "macs", "model": name, "size": args.size, "macs_g": round(macs / 1e9, 3),
                "published_g": PUBLISHED_G[name] if args.size == 256 else None,
                "matmul_gflop_s": round(peak / 1e9, 1)}

@@ -12,6 +12,9 @@ AdamW. Same batch of random images for both, 1000 classes, same thread count, in
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 
 import numpy as np
 
@@ -68,6 +71,22 @@ def timm_step(model_name: str, batch: int, size: int, device: str):
     return step
 
 
+def measure(name: str, size: int, args) -> list[dict]:
+    """Rows for one model at one size: both of our step variants against timm, interleaved."""
+    runs = {"graph": ours_step(name, args.batch, size, False, args.device),
+            "xla": ours_step(name, args.batch, size, True, args.device),
+            "timm": timm_step(name, args.batch, size, args.device)}
+    for fn in runs.values():  # tracing, XLA compilation, allocator warm-up
+        fn(), fn()
+    r = common.interleaved(runs, args.batch * args.steps, args.repeats, args.steps)
+    precision = " mixed_float16" if args.device == "gpu" else " float32"
+    return [common.speed_row(
+        "train", name, args.batch, size, r[variant], r["timm"],
+        ours=f"tf.function{'+XLA' if variant == 'xla' else ''}{precision}",
+        ref="timm eager" + (" AMP" if args.device == "gpu" else " float32"))
+        for variant in ("graph", "xla")]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(common.MODELS))
@@ -77,28 +96,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=1, help="steps per timed call")
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     threads = args.threads or common.os.cpu_count()
     common.set_threads(threads)
-    info = common.machine(args.device, threads)
+    if args.one:  # a child process: one model and size, rows as JSON on stdout
+        print("ROWS " + json.dumps(measure(args.one[0], int(args.one[1]), args)))
+        return []
     rows = []
     for size in args.sizes:
         for name in args.models:
-            runs = {"graph": ours_step(name, args.batch, size, False, args.device),
-                    "xla": ours_step(name, args.batch, size, True, args.device),
-                    "timm": timm_step(name, args.batch, size, args.device)}
-            for fn in runs.values():  # tracing, XLA compilation, allocator warm-up
-                fn(), fn()
-            r = common.interleaved(runs, args.batch * args.steps, args.repeats, args.steps)
-            for variant in ("graph", "xla"):
-                rows.append(common.speed_row(
-                    "train", name, args.batch, size, r[variant], r["timm"],
-                    ours=f"tf.function{'+XLA' if variant == 'xla' else ''}"
-                         + (" mixed_float16" if args.device == "gpu" else " float32"),
-                    ref="timm eager" + (" AMP" if args.device == "gpu" else " float32")))
-                print(rows[-1]["model"], size, variant, rows[-1]["ours_img_s"], "vs",
-                      rows[-1]["ref_img_s"], flush=True)
-    path = common.write("train", rows, info)
+            # One process per model and size: three models training side by side at 256x256
+            # (ours, ours with XLA, timm) need ~10 GB; several in one process ran out of memory.
+            flags = ["--batch", str(args.batch), "--repeats", str(args.repeats), "--steps",
+                     str(args.steps), "--threads", str(threads), "--device", args.device]
+            out = subprocess.run([sys.executable, "-m", "bench.train_speed", "--one", name,
+                                  str(size), *flags], cwd=common.ROOT, capture_output=True,
+                                 text=True)
+            found = [line for line in out.stdout.splitlines() if line.startswith("ROWS ")]
+            if out.returncode != 0 or not found:
+                raise SystemExit(f"{name} at {size}: exit {out.returncode}\n{out.stderr[-3000:]}")
+            rows += json.loads(found[-1][5:])
+            for row in rows[-2:]:
+                print(row["model"], size, row["ours"], row["ours_img_s"], "vs", row["ref_img_s"],
+                      flush=True)
+    path = common.write("train", rows, common.machine(args.device, threads))
     print(common.table(rows, [("model", "model"), ("size", "size"), ("batch", "batch"),
                               ("ours", "ours"), ("ours_img_s", "img/s"),
                               ("ref_img_s", "timm img/s"), ("speedup", "speedup")]))

@@ -1,4 +1,4 @@
-"""Augmentation ops, each run eagerly and inside tf.data: shape, dtype, range, seeds, soft labels."""
+"""Augmentation ops, eagerly and inside tf.data: shape, dtype, range, seeds, soft labels."""
 
 from __future__ import annotations
 
@@ -41,8 +41,36 @@ def test_image_op_eager_equals_tf_data(op):
         np.testing.assert_allclose(e, g, atol=1e-5)
     # The op does something, and a different seed does something else.
     assert any(np.abs(e - image(i).numpy()).max() > 1e-3 for i, e in enumerate(eager))
-    assert np.abs(policy(image(0), seeds[0]).numpy() - policy(image(0), seeds[1]).numpy()).max() > 1e-3
+    other = policy(image(0), seeds[1]).numpy()
+    assert np.abs(policy(image(0), seeds[0]).numpy() - other).max() > 1e-3
     np.testing.assert_array_equal(policy(image(0), seeds[0]), eager[0])  # same seed, same image
+
+
+@pytest.mark.parametrize("aug", ["basic", "none"])
+def test_crop_flip_and_eval_resize_eager_equals_tf_data(aug):
+    """Random resized crop + flip (aug=basic), the eval resize / centre crop (aug=none)."""
+    cfg = tiny_cfg(f"aug={aug}")
+    raw = [tf.cast(tf.random.stateless_uniform([40 + 8 * i, 48, 3], [i, 2], maxval=256), tf.uint8)
+           for i in range(3)]
+
+    def op(image, i):
+        return augment.train_preprocess(image, tf.stack([tf.constant(5, tf.int64), i]),
+                                        cfg.data, cfg.aug)
+
+    eager = [op(image, tf.constant(i, tf.int64)).numpy() for i, image in enumerate(raw)]
+    ds = tf.data.Dataset.from_generator(lambda: iter(raw), output_signature=tf.TensorSpec(
+        [None, None, 3], tf.uint8)).enumerate().map(lambda i, image: op(image, i))
+    for e, g in zip(eager, ds):
+        assert e.shape == (SIZE, SIZE, 3) and e.dtype == np.float32
+        assert 0.0 <= e.min() and e.max() <= 1.0
+        np.testing.assert_allclose(e, g.numpy(), atol=1e-5)
+    second = op(raw[0], tf.constant(1, tf.int64)).numpy()  # another seed
+    if aug == "basic":
+        assert np.abs(second - eager[0]).max() > 1e-3
+    else:  # deterministic: the evaluation preprocessing, whatever the seed
+        np.testing.assert_array_equal(second, eager[0])
+        expected = augment.eval_preprocess(raw[0], SIZE, cfg.data.crop_pct)
+        np.testing.assert_allclose(eager[0], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("mix", [["aug.mixup_alpha=0.8"], ["aug.cutmix_alpha=1.0"],
@@ -114,3 +142,18 @@ def test_multiscale_batches_keep_pixels_per_batch_and_train(tmp_path):
     iterator = iter(augment.train_pipeline(ds, cfg.data, cfg.aug, 8, seed=1))
     losses = [float(loop.train_step(iterator)["loss"]) for _ in range(4)]
     assert int(optimizer.iterations.numpy()) == 4 and np.isfinite(losses).all()
+
+
+def test_rand_augment_runs_only_the_chosen_op_with_keras_output():
+    """Our switch_case RandAugment == Keras' own where-chain, for the same draws."""
+    import keras
+
+    from trainer.policies import _rand_augment, _seeded_transformation
+
+    layer = keras.layers.RandAugment(value_range=(0, 1), num_ops=2, factor=0.9)
+    images = tf.random.stateless_uniform([1, SIZE, SIZE, 3], [4, 2])
+    for s in range(6):
+        seed = tf.constant([3, s], tf.int64)
+        ours = _rand_augment(layer, images, _seeded_transformation(layer, images, seed))
+        keras_own = layer.transform_images(images, _seeded_transformation(layer, images, seed))
+        np.testing.assert_allclose(ours, keras_own, atol=1e-6)

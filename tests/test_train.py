@@ -49,12 +49,26 @@ def check_run_dir(run_dir: Path, metrics: dict, class_names: list[str], with_tes
     assert names == [class_names[i] for i in expected.argmax(1)]
 
 
-def test_train_digits_end_to_end(tmp_path):
+def test_train_digits_end_to_end_with_wandb_offline(tmp_path):
     run_dir = tmp_path / "digits"
-    metrics = train(tiny_cfg("data=digits"), run_dir)
+    cfg = tiny_cfg("data=digits", "logger=wandb", "logger.mode=offline", "logger.tags=[t1]")
+    metrics = train(cfg, run_dir)
     assert metrics["val_examples"] == 16  # eval_steps=2 batches of 8
     raw = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
     check_run_dir(run_dir, metrics, [str(i) for i in range(10)], True, raw)
+    assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    # wandb, offline: one run, id kept in the run directory, flattened config, finished.
+    from trainer.loggers import wandb_run_id
+
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
+    assert offline.name.endswith(run_id) and wandb_run_id(run_dir) == run_id  # a resume keeps it
+    # Offline runs keep config, history and summary in the binary run-<id>.wandb record log.
+    records = (offline / f"run-{run_id}.wandb").read_bytes()
+    assert b"optim.lr" in records and b"model.name" in records and b"val_accuracy" in records
+    debug = (offline / "logs" / "debug.log").read_text()
+    assert f"finishing run mobilevit-trainer/{run_id}" in debug and "got exitcode: 0" in debug
 
 
 def test_train_tfds_flowers_mock(tmp_path):

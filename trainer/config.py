@@ -23,7 +23,7 @@ BN_POLICIES = ("train", "frozen")
 TRAINABLE = ("all", "head")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-LOGGERS = ("csv",)
+LOGGERS = ("csv", "wandb")
 
 
 class ConfigError(ValueError):
@@ -136,6 +136,7 @@ class TrainerConfig:
     nan_lr_factor: float = 0.1
     max_rollbacks: int = 3
     allow_config_change: bool = False  # resume a run directory under a changed config
+    deterministic: bool = False  # TF op determinism: same config -> bit-identical weights
 
 
 @dataclass
@@ -147,8 +148,13 @@ class ExportConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "csv"
+    name: str = "csv"  # csv (history.csv + TensorBoard) | wandb (the same, plus wandb)
     tensorboard: bool = True
+    mode: str = "online"  # wandb: online | offline | disabled
+    project: str = "mobilevit-trainer"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # default: the multirun's sweep directory name
+    tags: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -311,6 +317,7 @@ def validate(cfg) -> None:
                           f"trainer.cpu_replicas={t.cpu_replicas} replicas; the global batch "
                           f"must split evenly")
     _choice("logger.name", cfg.logger.name, LOGGERS)
+    _choice("logger.mode", cfg.logger.mode, ("online", "offline", "disabled"))
     for variant in cfg.export.litert:
         _choice("export.litert[]", variant, ("float32", "float16", "dynamic_int8", "int8"))
     _range("export.calibration_images", cfg.export.calibration_images, 1)

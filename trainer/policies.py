@@ -27,16 +27,39 @@ class StatelessSeed(SeedGenerator):
         return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
 
 
-def _run(layer: keras.layers.Layer, images: tf.Tensor, seed: tf.Tensor, labels=None):
-    """Apply a Keras preprocessing layer (and its sub-layers) with draws from `seed`."""
+def _seeded_transformation(layer: keras.layers.Layer, images: tf.Tensor, seed: tf.Tensor):
+    """The layer's random draws (and its sub-layers'), made from `seed`."""
     for sub in layer._flatten_layers(include_self=True):
         if hasattr(sub, "generator"):
             sub.generator = StatelessSeed(seed)  # set while tracing: bound to this seed tensor
-    transform = layer.get_random_transformation(images, training=True)
+    return layer.get_random_transformation(images, training=True)
+
+
+def _run(layer: keras.layers.Layer, images: tf.Tensor, seed: tf.Tensor, labels=None):
+    """Apply a Keras preprocessing layer with draws from `seed`."""
+    transform = _seeded_transformation(layer, images, seed)
+    if isinstance(layer, keras.layers.RandAugment):
+        return _rand_augment(layer, images, transform)
     out = layer.transform_images(images, transform, training=True)
     if labels is None:
         return out
     return out, layer.transform_labels(labels, transform, training=True)
+
+
+def _rand_augment(layer: keras.layers.RandAugment, images: tf.Tensor, transform: dict):
+    """Keras' RandAugment with its own draws and sub-layers, but only the chosen op computed.
+
+    Keras runs all 11 ops for each of the N picks and keeps one with `where` (22 image ops per
+    image for N=2); `switch_case` runs the chosen branch only. Same output (tested).
+    """
+    names, per_op = list(transform["transforms"]), transform["transforms"]
+    images = tf.cast(images, layer.compute_dtype)
+    for i in range(layer.num_ops):
+        branches = [lambda name=name, x=images: tf.cast(
+            getattr(layer, name).transform_images(x, per_op[name]), layer.compute_dtype)
+            for name in names]
+        images = tf.switch_case(tf.cast(transform["layer_idxes"][i], tf.int32), branches)
+    return images
 
 
 class ImagePolicy:

@@ -18,11 +18,12 @@ import keras
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from trainer import augment, data, export, finetune, rundir
+from trainer import augment, data, export, finetune, manifest, rundir
 from trainer.checkpoints import restore_latest
 from trainer.config import check_writable, stage_plan, validate, ConfigError
+from trainer.loggers import EpochLoggers
 from trainer.distribute import is_chief, make_strategy, strategy_name, use_xla
-from trainer.loop import (STAT_KEYS, History, Loop, NonFiniteLoss, Preempted, Timer,
+from trainer.loop import (STAT_KEYS, Loop, NonFiniteLoss, Preempted, Timer,
                           preemption_handler)
 from trainer.models.mobilevit import MobileViTBackbone, build_classifier
 from trainer.models.weights import load_pretrained
@@ -65,18 +66,22 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     jit_compile = use_xla(cfg.trainer.jit_compile, cfg.trainer.precision)
     # Non-chief workers must still write their checkpoint copies: to a scratch directory.
     work_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="mobilevit-worker-"))
-    keras.utils.set_random_seed(cfg.seed)
+    keras.utils.set_random_seed(cfg.seed)  # Python, NumPy and TensorFlow
+    if cfg.trainer.deterministic:  # slower kernels, bit-identical results
+        tf.config.experimental.enable_op_determinism()
     # The run carries its resolved config: evaluate, export and resume rebuild from it.
     OmegaConf.save(cfg, work_dir / "config.yaml", resolve=True)
-    export.write_json(work_dir / "run.json", {
-        "strategy": strategy_name(strategy), "replicas": replicas,
-        "global_batch": cfg.trainer.batch_size,
-        "per_replica_batch": cfg.trainer.batch_size // replicas,
-        "precision": cfg.trainer.precision, "jit_compile": jit_compile,
-        "peak_lr": scaled_lr(cfg.optim, cfg.trainer.batch_size)})
+    run_info = {"strategy": strategy_name(strategy), "replicas": replicas,
+                "global_batch": cfg.trainer.batch_size,
+                "per_replica_batch": cfg.trainer.batch_size // replicas,
+                "precision": cfg.trainer.precision, "jit_compile": jit_compile,
+                "peak_lr": scaled_lr(cfg.optim, cfg.trainer.batch_size)}
+    export.write_json(work_dir / "run.json", run_info)
 
     # ------------------------------------------------------------------ input pipeline
     dataset = data.load_dataset(cfg.data)
+    if chief:
+        manifest.write_manifest(run_dir, cfg, dataset, run_info)
     if dataset.skipped and chief:
         data.write_skipped_report(dataset, run_dir / "skipped_files.csv")
         log.warning("%d file(s) skipped as unusable; see %s", len(dataset.skipped),
@@ -136,10 +141,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     # ------------------------------------------------------------------ train loop
     loop = Loop(strategy, model, optimizer, dataset.num_classes, batch, cfg.optim.label_smoothing,
                 jit_compile=jit_compile, log_every_steps=cfg.trainer.log_every_steps)
-    history = History(run_dir / "history.csv" if chief else None,
-                      completed_epochs=int(position["epoch"].numpy()))
-    writer = (tf.summary.create_file_writer(str(run_dir / "tensorboard"))
-              if chief and cfg.logger.tensorboard else None)
     every = cfg.trainer.checkpoint_every_steps
 
     def on_step(step: int, totals: dict) -> None:
@@ -151,86 +152,86 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             raise Preempted(f"stopped by SIGTERM at step {int(optimizer.iterations.numpy())}; "
                             f"checkpoint {last.latest_checkpoint}")
 
-    rollbacks, stage, trained_sets = 0, None, []
-    with Timer() as train_time, preemption_handler() as preemption:
-        while (epoch := int(position["epoch"].numpy())) < cfg.trainer.epochs:
-            if finetune.stage_at(stages, epoch) != stage:
-                stage = finetune.stage_at(stages, epoch)
-                trained_sets.append(finetune.apply_stage(model, stage))
-                loop.reset()  # a traced step would keep the old trainable set
-                log.info("stage %r from epoch %d: %s", stage.name, epoch + 1, trained_sets[-1])
-            start_step = int(position["step"].numpy())
-            totals = (dict(zip(STAT_KEYS, position["totals"].numpy().tolist())) if start_step
-                      else None)
-            epoch_ds = augment.train_pipeline(dataset.splits["train"], cfg.data, cfg.aug, batch,
-                                              cfg.seed, epoch, skip_batches=start_step,
-                                              num_classes=dataset.num_classes, replicas=replicas)
-            iterator = iter(strategy.experimental_distribute_dataset(epoch_ds))
-            with Timer() as epoch_time:
-                try:
-                    row = loop.train_epoch(iterator, steps_per_epoch, epoch, cfg.trainer.epochs,
-                                           chief, start_step, totals, on_step)
-                except NonFiniteLoss as e:
-                    good = last.latest_checkpoint
-                    if cfg.trainer.on_nan == "rollback" and rollbacks < cfg.trainer.max_rollbacks:
-                        rollbacks += 1
-                        scale = float(lr_scale.numpy()) * cfg.trainer.nan_lr_factor
-                        ckpt.restore(good).expect_partial()
-                        lr_scale.assign(scale)  # after the restore, which brought the old one
-                        log.warning("%s: rolled back to %s, learning rate x%g (rollback %d of "
-                                    "%d)", e, good, scale, rollbacks, cfg.trainer.max_rollbacks)
-                        continue
-                    raise NonFiniteLoss(f"{e}; the last good checkpoint is {good}, left intact"
-                                        + (f" ({rollbacks} rollback(s) did not help)"
-                                           if rollbacks else "")) from None
-                with finetune.ema_swapped(ema):  # validate (and choose the best by) the EMA
-                    row.update(loop.evaluate(eval_ds["val"], cfg.trainer.eval_steps, "val_"))
-            row = {"epoch": epoch + 1, **row, "lr": current_lr_value(optimizer),
-                   "seconds": round(epoch_time.seconds, 2)}
-            history.append(row)
-            log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v
-                                                 for k, v in row.items()})
-            if writer:
-                with writer.as_default(step=epoch + 1):
-                    for k, v in row.items():
-                        tf.summary.scalar(k, v)
-            position["epoch"].assign(epoch + 1)
-            position["step"].assign(0)
-            position["totals"].assign(tf.zeros(len(STAT_KEYS), tf.float64))
-            if row["val_accuracy"] > position["best"].numpy():
-                position["best"].assign(row["val_accuracy"])
-                best.save(checkpoint_number=epoch + 1)
-            last.save(checkpoint_number=int(optimizer.iterations.numpy()))
+    # Loggers (history.csv, curves, TensorBoard, wandb) close properly even if training fails.
+    with EpochLoggers(cfg, run_dir, chief, int(position["epoch"].numpy())) as loggers:
+        rollbacks, stage, trained_sets = 0, None, []
+        with Timer() as train_time, preemption_handler() as preemption:
+            while (epoch := int(position["epoch"].numpy())) < cfg.trainer.epochs:
+                if finetune.stage_at(stages, epoch) != stage:
+                    stage = finetune.stage_at(stages, epoch)
+                    trained_sets.append(finetune.apply_stage(model, stage))
+                    loop.reset()  # a traced step would keep the old trainable set
+                    log.info("stage %r from epoch %d: %s", stage.name, epoch + 1, trained_sets[-1])
+                start_step = int(position["step"].numpy())
+                totals = (dict(zip(STAT_KEYS, position["totals"].numpy().tolist())) if start_step
+                          else None)
+                epoch_ds = augment.train_pipeline(
+                    dataset.splits["train"], cfg.data, cfg.aug, batch, cfg.seed, epoch,
+                    skip_batches=start_step, num_classes=dataset.num_classes, replicas=replicas)
+                iterator = iter(strategy.experimental_distribute_dataset(epoch_ds))
+                with Timer() as epoch_time:
+                    try:
+                        row = loop.train_epoch(iterator, steps_per_epoch, epoch, cfg.trainer.epochs,
+                                               chief, start_step, totals, on_step)
+                    except NonFiniteLoss as e:
+                        good = last.latest_checkpoint
+                        retry = rollbacks < cfg.trainer.max_rollbacks
+                        if cfg.trainer.on_nan == "rollback" and retry:
+                            rollbacks += 1
+                            scale = float(lr_scale.numpy()) * cfg.trainer.nan_lr_factor
+                            ckpt.restore(good).expect_partial()
+                            lr_scale.assign(scale)  # after the restore, which brought the old one
+                            log.warning("%s: rolled back to %s, learning rate x%g (rollback %d of "
+                                        "%d)", e, good, scale, rollbacks, cfg.trainer.max_rollbacks)
+                            continue
+                        raise NonFiniteLoss(f"{e}; the last good checkpoint is {good}, left intact"
+                                            + (f" ({rollbacks} rollback(s) did not help)"
+                                               if rollbacks else "")) from None
+                    with finetune.ema_swapped(ema):  # validate (and choose the best by) the EMA
+                        row.update(loop.evaluate(eval_ds["val"], cfg.trainer.eval_steps, "val_"))
+                row = {"epoch": epoch + 1, **row, "lr": current_lr_value(optimizer),
+                       "seconds": round(epoch_time.seconds, 2)}
+                loggers.log_epoch(row)
+                log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v
+                                                     for k, v in row.items()})
+                position["epoch"].assign(epoch + 1)
+                position["step"].assign(0)
+                position["totals"].assign(tf.zeros(len(STAT_KEYS), tf.float64))
+                if row["val_accuracy"] > position["best"].numpy():
+                    position["best"].assign(row["val_accuracy"])
+                    best.save(checkpoint_number=epoch + 1)
+                last.save(checkpoint_number=int(optimizer.iterations.numpy()))
 
-    # ------------------------------------------------------------------ final evaluation
-    # The best epoch's weights (a resumed worker may find them only in the chief's directory).
-    best_path = best.latest_checkpoint or tf.train.latest_checkpoint(
-        str(state_dir / "checkpoints" / "best"))
-    ckpt.restore(best_path).expect_partial()
-    finetune.use_ema(ema)  # the checkpoints keep the raw weights; evaluation and export the EMA
-    metrics = {"best_epoch": int(best_path.rsplit("-", 1)[-1]),
-               "best_val_accuracy_during_training": float(position["best"].numpy()),
-               "epochs": cfg.trainer.epochs, "train_seconds": round(train_time.seconds, 2),
-               "nan_rollbacks": rollbacks, "lr_scale": float(lr_scale.numpy()),
-               "skipped_files": len(dataset.skipped), "ema": ema is not None,
-               "stages": trained_sets}
-    for split, ds in eval_ds.items():
-        metrics.update(loop.evaluate(ds, cfg.trainer.eval_steps, f"{split}_"))
-    log.info("final: %s", metrics)
+        # ------------------------------------------------------------------ final evaluation
+        # The best epoch's weights (a resumed worker may find them only in the chief's directory).
+        best_path = best.latest_checkpoint or tf.train.latest_checkpoint(
+            str(state_dir / "checkpoints" / "best"))
+        ckpt.restore(best_path).expect_partial()
+        finetune.use_ema(ema)  # the checkpoints keep the raw weights; evaluation and export the EMA
+        metrics = {"best_epoch": int(best_path.rsplit("-", 1)[-1]),
+                   "best_val_accuracy_during_training": float(position["best"].numpy()),
+                   "epochs": cfg.trainer.epochs, "train_seconds": round(train_time.seconds, 2),
+                   "nan_rollbacks": rollbacks, "lr_scale": float(lr_scale.numpy()),
+                   "skipped_files": len(dataset.skipped), "ema": ema is not None,
+                   "stages": trained_sets}
+        for split, ds in eval_ds.items():
+            metrics.update(loop.evaluate(ds, cfg.trainer.eval_steps, f"{split}_"))
+        log.info("final: %s", metrics)
 
-    # ------------------------------------------------------------------ export
-    if chief:
-        export.write_json(run_dir / "dataset.json", dataset.info())
-        if cfg.trainer.export:
-            calib_ds = augment.eval_pipeline(dataset.splits["train"], cfg.data, batch)
-            result = export.export_run(model, dataset.class_names, cfg, run_dir, eval_ds["val"],
-                                       calib_ds, metrics)
-            metrics["export_max_rel_diff"] = result["reload_max_rel_diff"]
-            log.info("exported %s (reload check: max relative difference %.2g)",
-                     run_dir / "export", result["reload_max_rel_diff"])
-        export.write_json(run_dir / "metrics.json", metrics)
-    else:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        # ------------------------------------------------------------------ export
+        if chief:
+            export.write_json(run_dir / "dataset.json", dataset.info())
+            if cfg.trainer.export:
+                calib_ds = augment.eval_pipeline(dataset.splits["train"], cfg.data, batch)
+                result = export.export_run(model, dataset.class_names, cfg, run_dir, eval_ds["val"],
+                                           calib_ds, metrics)
+                metrics["export_max_rel_diff"] = result["reload_max_rel_diff"]
+                log.info("exported %s (reload check: max relative difference %.2g)",
+                         run_dir / "export", result["reload_max_rel_diff"])
+            loggers.log_final(metrics)
+            export.write_json(run_dir / "metrics.json", metrics)
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
     return metrics
 
 

@@ -1,0 +1,108 @@
+"""Per-epoch logging, chief only: history.csv, curves.png, TensorBoard, Weights & Biases.
+
+wandb (`logger=wandb`, `logger.mode=online|offline|disabled`): the resolved, flattened config is
+the run's config; the run id is kept in `RUN_DIR/wandb_id.txt`, so a resumed run continues the same
+wandb run; in a Hydra multirun every trial is its own run, grouped by the sweep directory; the run
+is finished (with a failure exit code) even when training raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import tensorflow as tf
+from omegaconf import OmegaConf
+
+from trainer.curves import plot_curves
+from trainer.loop import History
+
+log = logging.getLogger(__name__)
+
+
+def flat_config(cfg) -> dict:
+    """{"optim.lr": 0.001, ...}: how sweeps compare runs in wandb's table."""
+    out = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def sweep_group() -> str | None:
+    """The multirun's sweep directory name, when running under Hydra multirun."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):  # not under Hydra (a test, a notebook)
+        return None
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return Path(hydra_cfg.sweep.dir).name
+    return None
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run's wandb id, created once and kept in the run directory (resume keeps it)."""
+    path = run_dir / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]  # wandb accepts any short [a-z0-9] id
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(run_id)
+    os.replace(tmp, path)
+    return run_id
+
+
+def start_wandb(cfg, run_dir: Path):
+    import wandb
+
+    lc = cfg.logger
+    return wandb.init(project=lc.project, entity=lc.entity, group=lc.group or sweep_group(),
+                      tags=list(lc.tags), name=run_dir.name, id=wandb_run_id(run_dir),
+                      resume="allow", dir=str(run_dir), mode=lc.mode, config=flat_config(cfg))
+
+
+class EpochLoggers:
+    """`with EpochLoggers(...) as loggers:` log each epoch; wandb is finished on the way out."""
+
+    def __init__(self, cfg, run_dir: Path, chief: bool, completed_epochs: int):
+        self.run_dir, self.chief = run_dir, chief
+        self.history = History(run_dir / "history.csv" if chief else None, completed_epochs)
+        self.writer = (tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+                       if chief and cfg.logger.tensorboard else None)
+        self.wandb = start_wandb(cfg, run_dir) if chief and cfg.logger.name == "wandb" else None
+
+    def __enter__(self) -> "EpochLoggers":
+        return self
+
+    def log_epoch(self, row: dict) -> None:
+        self.history.append(row)
+        if not self.chief:
+            return
+        plot_curves(self.history.rows, self.run_dir / "curves.png")
+        if self.writer:
+            with self.writer.as_default(step=row["epoch"]):
+                for k, v in row.items():
+                    tf.summary.scalar(k, v)
+        if self.wandb:
+            self.wandb.log(row, step=row["epoch"])
+
+    def log_final(self, metrics: dict) -> None:
+        if self.wandb:
+            self.wandb.summary.update({k: v for k, v in metrics.items()
+                                       if isinstance(v, (int, float, str, bool))})
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.writer:
+            self.writer.flush()
+        if self.wandb:
+            self.wandb.finish(exit_code=0 if exc_type is None else 1)
