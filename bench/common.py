@@ -45,6 +45,24 @@ def set_threads(threads: int) -> None:
         pass
 
 
+def add_machine_args(parser) -> None:
+    """--threads and --device, shared by every benchmark."""
+    parser.add_argument("--threads", type=int, default=0, help="0: all cores")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+
+
+def setup(args) -> tuple[int, dict]:
+    """Apply the thread count; returns (threads, the machine record for the results)."""
+    threads = args.threads or os.cpu_count()
+    set_threads(threads)
+    return threads, machine(args.device, threads)
+
+
+def result_path(task: str, device: str) -> Path:
+    """bench/results/<task>[_<device>].json"""
+    return RESULTS / (f"{task}.json" if device == "cpu" else f"{task}_{device}.json")
+
+
 def machine(device: str, threads: int) -> dict:
     import keras
     import tensorflow as tf
@@ -96,8 +114,7 @@ def interleaved(runs: dict[str, Callable[[], None]], items_per_call: int, repeat
 def write(task: str, rows: list[dict], info: dict) -> Path:
     """bench/results/<task>[_<device>].json: the rows, each carrying the machine it ran on."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "" if info["device"] == "cpu" else f"_{info['device']}"
-    path = RESULTS / f"{task}{suffix}.json"
+    path = result_path(task, info["device"])
     for row in rows:
         row["machine"] = info
     tmp = path.with_suffix(".tmp")

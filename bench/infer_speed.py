@@ -76,12 +76,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="0: all cores")
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    common.add_machine_args(parser)
     args = parser.parse_args(argv)
-    threads = args.threads or common.os.cpu_count()
-    common.set_threads(threads)
-    info = common.machine(args.device, threads)
+    threads, info = common.setup(args)
     variants = ("float32", "int8") if args.device == "cpu" else ()  # LiteRT is a CPU runtime
     rng = np.random.default_rng(0)
     rows = []

@@ -80,15 +80,11 @@ def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=0, help="0: all cores")
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    common.add_machine_args(parser)
     args = parser.parse_args(argv)
-    threads = args.threads or common.os.cpu_count()
-    common.set_threads(threads)
-    info = common.machine(args.device, threads)
+    threads, info = common.setup(args)
     peak = matmul_flops()
-    train_path = common.RESULTS / ("train.json" if args.device == "cpu" else
-                                   f"train_{args.device}.json")
+    train_path = common.result_path("train", args.device)
     train_rows = json.loads(train_path.read_text()) if train_path.is_file() else []
     rows = []
     for name in common.MODELS:

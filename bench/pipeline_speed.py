@@ -65,7 +65,7 @@ def pipeline_rate(folder: Path, aug: str, size: int, batch: int, batches: int) -
 
 
 def consumption(model: str, size: int, device: str) -> float | None:
-    path = common.RESULTS / ("train.json" if device == "cpu" else f"train_{device}.json")
+    path = common.result_path("train", device)
     if not path.is_file():
         return None
     rates = [r["ours_img_s"] for r in json.loads(path.read_text())
@@ -81,12 +81,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--images", type=int, default=384)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="0: all cores")
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    common.add_machine_args(parser)
     args = parser.parse_args(argv)
-    threads = args.threads or common.os.cpu_count()
-    common.set_threads(threads)
-    info = common.machine(args.device, threads)
+    threads, info = common.setup(args)
     from trainer.precheck import CONF_DIR
 
     rows = []
