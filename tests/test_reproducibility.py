@@ -69,11 +69,15 @@ def test_summarize_sorts_trials_and_writes_markdown_and_csv(tmp_path, capsys):
     _trial(sweep, "1", ["optim.lr=0.0003"], {"val_accuracy": 0.9, "test_accuracy": 0.8,
                                               "best_epoch": 3})
     _trial(sweep, "2", ["optim.lr=0.01"], checkpoint=True)
-    _trial(sweep, "3", ["optim.lr=1.0"])
+    failed = _trial(sweep, "3", ["optim.lr=1.0"], checkpoint=True)
+    (failed / "failed.json").write_text(json.dumps({"error": "NonFiniteLoss: loss is nan"}))
+    _trial(sweep, "4", ["optim.lr=2.0"])
     assert summarize.main([str(sweep)]) == 0
     rows = list(__import__("csv").DictReader(open(sweep / "summary.csv")))
-    assert [r["trial"] for r in rows] == ["1", "0", "2", "3"]
-    assert [r["status"] for r in rows] == ["finished", "finished", "interrupted", "failed"]
+    assert [r["trial"] for r in rows] == ["1", "0", "2", "3", "4"]
+    assert [r["status"] for r in rows] == ["finished", "finished", "interrupted", "failed",
+                                           "not started"]
+    assert rows[3]["error"] == "NonFiniteLoss: loss is nan"
     assert rows[1]["overrides"] == "optim.lr=0.001"  # run-time keys left out
     table = (sweep / "summary.md").read_text()
     assert table.splitlines()[2].startswith("| 1 | optim.lr=0.0003 | 0.9000 | 0.8000 |")

@@ -6,14 +6,19 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from trainer import sweeps
 from trainer.config import ConfigError, register
 from trainer.precheck import CONF_DIR, check, searchpath_override
 from trainer.rundir import SHARED_RUN_DIR_ENV, resume_argv
+
+
+register()  # also in a launcher's worker process, which resolves the trial directory's name
 
 
 # An absolute path: also found when this module is imported (not run) by a launcher or a test.
@@ -28,8 +33,11 @@ def app(cfg: DictConfig) -> float:
     from trainer.models.weights import CheckpointError
 
     log = logging.getLogger("trainer")
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if sweeps.is_multirun():
+        return _trial(cfg, run_dir, log)
     try:
-        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+        metrics = train(cfg, run_dir)
     except (ConfigError, DataError, CheckpointError) as e:  # user mistakes: no traceback
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
@@ -45,6 +53,29 @@ def app(cfg: DictConfig) -> float:
     return metrics["val_accuracy"]  # the objective of sweeps
 
 
+def _trial(cfg: DictConfig, run_dir: Path, log) -> float:
+    """One trial of a sweep: a failure is recorded (failed.json) and the sweep goes on."""
+    import keras
+
+    from trainer.loop import PREEMPTED_EXIT, Preempted
+    from trainer.train import train
+
+    (run_dir / sweeps.FAILED_FILE).unlink(missing_ok=True)  # a re-run tries it again
+    keras.backend.clear_session()  # nothing of the previous in-process trial is kept
+    try:
+        return train(cfg, run_dir)["val_accuracy"]
+    except Preempted as e:  # SIGTERM stops the whole sweep; the same command resumes it
+        log.warning("%s", e)
+        sys.exit(PREEMPTED_EXIT)
+    except Exception as e:
+        sweeps.record_failure(run_dir, e)
+        log.error("trial %s failed: %s: %s (recorded in %s; the sweep goes on)", run_dir.name,
+                  type(e).__name__, e, run_dir / sweeps.FAILED_FILE)
+        if sweeps.optuna_sweep():  # Optuna's sweeper records a raising trial as FAIL
+            raise sweeps.TrialFailed(f"{type(e).__name__}: {e}") from None
+        return float("nan")  # Hydra's basic sweeper ignores the value
+
+
 def _non_chief_worker() -> bool:
     """From TF_CONFIG: is this process a worker other than the chief of a cluster?"""
     tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
@@ -56,6 +87,13 @@ def _non_chief_worker() -> bool:
     return not (task.get("type") == "worker" and int(task.get("index", 0)) == 0)
 
 
+def _sweep_dir_override(argv: list[str]) -> list[str]:
+    """A multirun's directory named by its overrides: the same command resumes the same sweep."""
+    if not {"-m", "--multirun"} & set(argv) or any(a.startswith("hydra.sweep.dir=") for a in argv):
+        return []
+    return [f"hydra.sweep.dir={sweeps.sweep_dir_for(argv)}"]
+
+
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chatter out
     try:
@@ -64,8 +102,12 @@ def main() -> None:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-    # Extra overrides go first: Hydra's parser takes no overrides after a flag like --cfg.
-    sys.argv[1:1] = searchpath_override(sys.argv[1:])
+    # Extra overrides go first (after -m): Hydra's parser takes no overrides after a flag like
+    # --cfg, nor overrides on both sides of -m.
+    argv = sys.argv[1:]
+    multirun = [a for a in argv if a in ("-m", "--multirun")]
+    extra = searchpath_override(argv) + _sweep_dir_override(argv)
+    sys.argv[1:] = multirun + extra + [a for a in argv if a not in multirun]
     if _non_chief_worker():
         # Only the chief writes the run directory; Hydra would create one per process, so
         # other workers get a scratch directory and no .hydra/ output.

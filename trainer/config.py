@@ -173,11 +173,12 @@ class Config:
 
 
 def register() -> None:
-    """The schema, and the `unique_dir` resolver of the default run directory."""
-    from trainer.rundir import register_resolver
+    """The schema, and the resolvers of the run and trial directories."""
+    from trainer import rundir, sweeps
 
     ConfigStore.instance().store(name="config_schema", node=Config)
-    register_resolver()
+    rundir.register_resolver()
+    sweeps.register_resolver()
 
 
 # --------------------------------------------------------------------------- validation

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from trainer.atomic import replacing
 
 
 def plot_curves(rows: list[dict], path: Path) -> Path:
@@ -27,8 +28,7 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
         if len(keys) > 1:
             ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=90)
+    with replacing(path) as tmp:  # a kill never leaves half a PNG
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)  # a kill never leaves half a PNG
     return path

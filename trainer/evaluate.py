@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     from trainer import augment, data
-    from trainer.export import write_json
+    from trainer.atomic import write_json
 
     cfg = load_config(run_dir)
     dataset = data.load_dataset(cfg.data)

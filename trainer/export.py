@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer.atomic import write_json, write_text
 from trainer.models.weights import find_backbone
 
 
@@ -77,13 +78,6 @@ def check_reload(path: Path, images: np.ndarray, expected: np.ndarray, key: str,
         raise RuntimeError(f"exported model {path} ({signature}) differs from the in-memory model: "
                            f"max relative difference {err:.3g} > {atol:g}")
     return err
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- run export
@@ -269,9 +263,7 @@ print(runner(images=image)["probabilities"].argmax())
 `model.keras` continues fine-tuning: `import trainer.models.mobilevit` (registers the layers),
 then `keras.models.load_model("export/model.keras")`.
 """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:

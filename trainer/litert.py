@@ -8,13 +8,14 @@ largest probability difference (bar 1e-4), int8 variants by top-1 agreement (bar
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from trainer.atomic import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,7 @@ def export_all(model: keras.Model, out_dir: Path, variants: list[str], image_siz
     for variant in variants:
         data = convert(model, variant, image_size, calibration)
         path = out_dir / f"model_{variant}.tflite"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_bytes(path, data)
         got = run(data, check_images)
         record = {"file": path.name, "bytes": len(data), "images": len(check_images),
                   "max_abs_prob_diff": float(np.abs(got - expected).max()),

@@ -9,12 +9,13 @@ is finished (with a failure exit code) even when training raises.
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from pathlib import Path
 
 import tensorflow as tf
 from omegaconf import OmegaConf
+
+from trainer.atomic import write_text
 
 from trainer.curves import plot_curves
 from trainer.loop import History
@@ -56,9 +57,7 @@ def wandb_run_id(run_dir: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:12]  # wandb accepts any short [a-z0-9] id
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(run_id)
-    os.replace(tmp, path)
+    write_text(path, run_id)
     return run_id
 
 

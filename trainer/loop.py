@@ -13,7 +13,6 @@ import contextlib
 import csv
 import logging
 import math
-import os
 import signal
 import time
 import types
@@ -22,6 +21,8 @@ from typing import Callable
 
 import keras
 import tensorflow as tf
+
+from trainer.atomic import replacing
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +209,10 @@ class History:
         self.rows.append(row)
         if self.path is None:
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", newline="") as f:
+        with replacing(self.path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
             writer.writeheader()
             writer.writerows(self.rows)
-        os.replace(tmp, self.path)
 
 
 class Timer:

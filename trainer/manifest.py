@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from trainer.export import write_json
+from trainer.atomic import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("keras", "tensorflow-datasets", "hydra-core",

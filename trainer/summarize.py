@@ -4,8 +4,10 @@ Every run directory under SWEEP_DIR (a Hydra multirun directory, or any folder o
 row: its overrides, metrics, status and path, best objective first. The table is printed and
 written as `SWEEP_DIR/summary.md` and `SWEEP_DIR/summary.csv`.
 
-Status: `finished` (metrics.json, written last), `interrupted` (checkpoints but no metrics: the
-same command resumes it), `failed` (neither).
+Status: `finished` (metrics.json, written last), `failed` (failed.json, with the error, from a
+trial that raised), `interrupted` (checkpoints but neither: the same command resumes it),
+`not started` (none of these). A sweep writes this table itself when it ends
+(trainer.sweeps.SweepSummary).
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
 import yaml
+
+from trainer.atomic import write_text
 
 METRICS = ("val_accuracy", "test_accuracy", "val_loss", "best_epoch", "train_seconds")
 
@@ -37,10 +40,12 @@ def trial_row(run_dir: Path, sweep_dir: Path) -> dict:
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
         row.update(status="finished", **{k: metrics.get(k) for k in METRICS})
+    elif (run_dir / "failed.json").is_file():
+        row.update(status="failed", error=json.loads((run_dir / "failed.json").read_text())["error"])
     elif any((run_dir / "checkpoints" / "last").glob("ckpt-*.index")):
         row["status"] = "interrupted"
     else:
-        row["status"] = "failed"
+        row["status"] = "not started"
     row["run_dir"] = str(run_dir)
     return row
 
@@ -52,18 +57,37 @@ def summarize(sweep_dir: Path, objective: str = "val_accuracy") -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], columns: list[str]) -> str:
+def shared_overrides(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """The rows with only the overrides that tell trials apart, and those all trials share."""
+    split = [r["overrides"].split() for r in rows]
+    shared = [o for o in split[0] if all(o in s for s in split[1:])] if len(rows) > 1 else []
+    rows = [{**r, "overrides": " ".join(o for o in s if o not in shared)}
+            for r, s in zip(rows, split)]
+    return rows, shared
+
+
+def markdown(rows: list[dict], shared: list[str], columns: list[str]) -> str:
     def cell(v):
         return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = [f"All trials: {' '.join(shared)}", ""] if shared else []
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+COLUMNS = ["trial", "overrides", *METRICS, "status", "error", "run_dir"]
+
+
+def write_summary(sweep_dir: Path, objective: str = "val_accuracy") -> list[dict]:
+    """summary.md and summary.csv in SWEEP_DIR; returns the rows, best first."""
+    rows = summarize(sweep_dir, objective)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(sweep_dir / "summary.md", markdown(*shared_overrides(rows), COLUMNS))
+    write_text(sweep_dir / "summary.csv", out.getvalue())
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,20 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sweep_dir.is_dir():
         print(f"error: {str(args.sweep_dir)!r} is not a directory", file=sys.stderr)
         return 2
-    rows = summarize(args.sweep_dir, args.objective)
-    if not rows:
+    if not find_runs(args.sweep_dir):
         print(f"error: no runs under {str(args.sweep_dir)!r} (no .hydra/overrides.yaml found)",
               file=sys.stderr)
         return 2
-    columns = ["trial", "overrides", *METRICS, "status", "run_dir"]
-    table = markdown(rows, columns)
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_atomic(args.sweep_dir / "summary.md", table)
-    _write_atomic(args.sweep_dir / "summary.csv", out.getvalue())
-    print(table, end="")
+    rows = write_summary(args.sweep_dir, args.objective)
+    print(markdown(*shared_overrides(rows), COLUMNS), end="")
     print(f"{len(rows)} trial(s); wrote {args.sweep_dir / 'summary.md'} and summary.csv")
     return 0
 

@@ -19,6 +19,7 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from trainer import augment, data, export, finetune, manifest, rundir
+from trainer.atomic import write_json
 from trainer.checkpoints import restore_latest
 from trainer.config import check_writable, stage_plan, validate, ConfigError
 from trainer.loggers import EpochLoggers
@@ -76,7 +77,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 "per_replica_batch": cfg.trainer.batch_size // replicas,
                 "precision": cfg.trainer.precision, "jit_compile": jit_compile,
                 "peak_lr": scaled_lr(cfg.optim, cfg.trainer.batch_size)}
-    export.write_json(work_dir / "run.json", run_info)
+    write_json(work_dir / "run.json", run_info)
 
     # ------------------------------------------------------------------ input pipeline
     dataset = data.load_dataset(cfg.data)
@@ -220,7 +221,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
         # ------------------------------------------------------------------ export
         if chief:
-            export.write_json(run_dir / "dataset.json", dataset.info())
+            write_json(run_dir / "dataset.json", dataset.info())
             if cfg.trainer.export:
                 calib_ds = augment.eval_pipeline(dataset.splits["train"], cfg.data, batch)
                 result = export.export_run(model, dataset.class_names, cfg, run_dir, eval_ds["val"],
@@ -229,7 +230,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 log.info("exported %s (reload check: max relative difference %.2g)",
                          run_dir / "export", result["reload_max_rel_diff"])
             loggers.log_final(metrics)
-            export.write_json(run_dir / "metrics.json", metrics)
+            write_json(run_dir / "metrics.json", metrics)
         else:
             shutil.rmtree(work_dir, ignore_errors=True)
     return metrics

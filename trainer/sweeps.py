@@ -1,0 +1,117 @@
+"""Resumable sweeps: where a multirun and its trials live, and what a failed trial leaves.
+
+Hydra names a multirun by the time it started and its trials by their number, so re-running a
+sweep starts from nothing. Here both names are derived from content instead, which is all it
+takes for the trainer's own resume logic to do the rest:
+
+- the sweep directory is `multirun/sweep-<hash of the command's overrides>` (unless
+  `hydra.sweep.dir` is given), so the same command finds the same directory;
+- each trial directory is `<sweep dir>/<hash of the trial's resolved config>`, minus the run-time
+  keys below, so the same trial finds the same directory: a finished one (metrics.json) is
+  skipped, an interrupted one resumes from its checkpoints (trainer/train.py).
+
+A failing trial writes `failed.json` (the error) and the sweep goes on; `summary.md` / `.csv` are
+written when the sweep ends (`SweepSummary`, a Hydra callback).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.atomic import write_json
+
+log = logging.getLogger(__name__)
+
+# What does not change a trial's result: logging, checkpoint cadence, its label.
+RUNTIME_KEYS = ("hydra", "name", "logger", "trainer.log_every_steps",
+                "trainer.checkpoint_every_steps", "trainer.keep_checkpoints",
+                "trainer.allow_config_change")
+FAILED_FILE = "failed.json"
+
+
+def _digest(value: Any, length: int = 10) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def _runtime(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") or key.startswith(k + "/")
+               for k in RUNTIME_KEYS)
+
+
+def trial_key(cfg: DictConfig) -> str:
+    """Hash of the resolved config without the run-time keys."""
+    # Resolved without the hydra node: that node holds the directory being named (recursion).
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    resolved = OmegaConf.to_container(OmegaConf.create(plain), resolve=True)
+
+    def strip(node: Any, prefix: str = "") -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v, f"{prefix}{k}.") for k, v in node.items()
+                    if not _runtime(f"{prefix}{k}")}
+        return node
+    return _digest(strip(resolved))
+
+
+def sweep_dir_for(argv: list[str]) -> str:
+    """`multirun/sweep-<hash>` of the command's overrides (order and run-time keys ignored)."""
+    overrides = sorted(a.lstrip("+") for a in argv
+                       if "=" in a and not a.startswith("-") and not _runtime(a.split("=")[0]))
+    return f"multirun/sweep-{_digest(overrides)}"
+
+
+def register_resolver() -> None:
+    """`${trial_key:}` (used by hydra.sweep.subdir) hashes the config it is resolved in."""
+    if not OmegaConf.has_resolver("trial_key"):
+        OmegaConf.register_new_resolver("trial_key", lambda _root_: trial_key(_root_))
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def optuna_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return "optuna" in str(HydraConfig.get().sweeper.get("_target_", ""))
+
+
+def record_failure(run_dir: Path, error: BaseException) -> None:
+    """failed.json: what went wrong, for the summary; removed when the trial is run again."""
+    write_json(run_dir / FAILED_FILE, {
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": traceback.format_exception(type(error), error, error.__traceback__)[-6:]})
+
+
+class TrialFailed(Exception):
+    """Raised for an Optuna trial, which the sweeper then records as FAIL and goes on."""
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun: write and print the summary table, say what failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from trainer.summarize import write_summary
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = write_summary(sweep_dir)
+        failed = [r for r in rows if r["status"] != "finished"]
+        log.info("sweep %s: %d trial(s), %d finished; summary in %s", sweep_dir, len(rows),
+                 len(rows) - len(failed), sweep_dir / "summary.md")
+        for row in failed:
+            log.warning("trial %s %s: %s", row["trial"], row["status"], row.get("error") or "")
