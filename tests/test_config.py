@@ -14,7 +14,8 @@ from trainer.config import ConfigError, register, validate
 from trainer.precheck import CONF_DIR, searchpath_override, check
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUPS = ["model", "data", "aug", "optim", "schedule", "trainer", "logger", "experiment"]
+GROUPS = ["model", "data", "aug", "optim", "schedule", "trainer", "logger", "finetune",
+          "launcher", "hparams_search", "experiment"]
 
 
 def options(group: str) -> list[str]:
@@ -33,8 +34,11 @@ def compose_cfg(overrides: list[str]):
 def test_every_option_composes_and_validates(group, option, tmp_path):
     extra = [f"data.path={tmp_path}"] if option == "folder" else []
     cfg = compose_cfg([f"{group}={option}", *extra])
+    # A recipe that starts from another recipe's run: any existing directory stands in for it.
+    cfg = compose_cfg([f"{group}={option}", *extra,
+                       *(f"{key}={tmp_path}" for key in cfg.recipe.requires)])
     validate(cfg)
-    if group not in ("experiment", "trainer"):  # trainer options carry no name
+    if group not in ("experiment", "trainer", "launcher", "hparams_search"):  # no name key
         assert cfg[group].name == option
 
 
@@ -55,7 +59,8 @@ def test_group_options_are_the_documented_ones():
     (["+trainer.gpus=2"], "unknown key 'trainer.gpus'"),
     (["model=mobilevit_m"], "model=mobilevit_m is not an option; choose one of mobilevit_s, "
                             "mobilevit_xs, mobilevit_xxs"),
-    (["experiment=nope"], "experiment=nope is not an option; choose one of digits_xxs_scratch, quickstart"),
+    (["experiment=nope"], "experiment=nope is not an option; choose one of beans_xxs, "
+                          "cifar10_xxs, digits_0to4_pretrain"),
     (["trainer.batch_size=abc"], "trainer.batch_size: Value 'abc'"),
     (["optim.lr=-1"], "optim.lr=-1.0 is out of range; it must be > 0.0"),
     (["optim.lr=0"], "optim.lr=0.0 is out of range"),

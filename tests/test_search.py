@@ -55,3 +55,20 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert by_status["failed"]["error"].startswith("DataError: data.path=")
     assert "holds no usable images" in by_status["failed"]["error"]
     assert "failed: DataError: data.path=" in out and "the sweep goes on" in out
+
+
+def test_submitit_local_runs_each_trial_in_its_own_process(tmp_path):
+    args = ["launcher=submitit_local", *TINY, "trainer.export=false", "optim.lr=1e-3,3e-4"]
+    run = subprocess.run(sweep_command(args), cwd=tmp_path, env=env(), capture_output=True,
+                         text=True, timeout=600)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    trials = trial_dirs(tmp_path)
+    assert len(trials) == 2 and all((t / "metrics.json").is_file() for t in trials)
+    # submitit's per-job records: two jobs, each its own process (a local job id is its pid).
+    results = sorted((trials[0].parent / ".submitit").glob("*/*_result.pkl"))
+    job_ids = {p.parent.name for p in results}
+    assert len(results) == 2 and len(job_ids) == 2
+    for job in job_ids:
+        log = next((trials[0].parent / ".submitit" / job).glob("*_log.out")).read_text()
+        assert f"Starting with JobEnvironment(job_id={job}," in log

@@ -112,3 +112,22 @@ def test_hydra_app_writes_run_directory(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert json.loads((run_dir / "metrics.json").read_text())["val_examples"] == 8
+
+
+def test_class_subset_and_few_labels_per_class():
+    from trainer.data import DataError, load_dataset
+
+    cfg = tiny_cfg("data.classes=[7,5,9]", "data.train_per_class=4").data
+    dataset = load_dataset(cfg)
+    assert dataset.class_names == ["7", "5", "9"] and dataset.counts["train"] == 12
+    for split, ds in dataset.splits.items():
+        labels = np.array([int(y) for _, y in ds.as_numpy_iterator()])
+        assert set(labels) == {0, 1, 2} and len(labels) == dataset.counts[split]
+        if split == "train":
+            assert np.bincount(labels).tolist() == [4, 4, 4]
+    # The label remapping keeps the images: class "7" (now 0) holds sevens of the full data.
+    full = load_dataset(tiny_cfg().data)
+    sevens = {x.tobytes() for x, y in full.splits["val"].as_numpy_iterator() if y == 7}
+    assert {x.tobytes() for x, y in dataset.splits["val"].as_numpy_iterator() if y == 0} == sevens
+    with pytest.raises(DataError, match=r"data.classes=\['5', 'x'\]: \['x'\] not usable"):
+        load_dataset(tiny_cfg("data.classes=[5,x]").data)

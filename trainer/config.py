@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -49,6 +49,7 @@ class DataConfig:
     tfds_name: Optional[str] = None
     data_dir: Optional[str] = None  # TFDS data directory (default: TFDS' own)
     download: bool = True
+    mock_examples: int = 0  # > 0: TFDS mock data (random, real feature spec) for offline smoke runs
     path: Optional[str] = None  # image folder (source=folder)
     train_split: str = "train"
     val_split: Optional[str] = None  # None: a stratified split carved from train
@@ -59,6 +60,8 @@ class DataConfig:
     crop_pct: float = 0.9  # eval: resize the short side to size / crop_pct, centre-crop
     shuffle_buffer: int = 2048
     on_error: str = "skip"  # folder: skip | fail on undecodable files
+    classes: Optional[List[str]] = None  # keep only these classes (relabelled 0..k-1, this order)
+    train_per_class: int = 0  # > 0: a few labels per class (a seeded, stratified subset of train)
 
 
 @dataclass
@@ -158,6 +161,19 @@ class LoggerConfig:
 
 
 @dataclass
+class RecipeConfig:
+    """What a recipe (recipes/experiment/*.yaml) promises; read by `python -m trainer.reproduce`."""
+
+    metric: str = "val_accuracy"  # a key of metrics.json
+    expected: Optional[float] = None
+    tolerance: float = 0.0  # |measured - expected| <= tolerance passes
+    source: str = "none"  # measured (on the hardware the header names) | target (not yet measured)
+    # Override key -> recipe whose run directory it takes, run first by trainer.reproduce
+    # (e.g. model.pretrained: digits_0to4_pretrain).
+    requires: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -168,6 +184,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     name: str = "run"  # short name in the run directory
     seed: int = 0
 
@@ -210,7 +227,8 @@ def check_schema(cfg) -> None:
                 allowed = ", ".join(sorted(schema.keys()))
                 raise ConfigError(f"unknown key '{full}'; allowed keys here: {allowed}")
             child, child_schema = node._get_node(key), schema._get_node(key)
-            if OmegaConf.is_dict(child) and OmegaConf.is_dict(child_schema):
+            # An empty schema dict is a free-form Dict[str, ...] field (recipe.requires).
+            if OmegaConf.is_dict(child) and OmegaConf.is_dict(child_schema) and len(child_schema):
                 walk(child, child_schema, f"{full}.")
 
     walk(cfg, OmegaConf.structured(Config), "")
@@ -244,6 +262,11 @@ def validate(cfg) -> None:
     _range("data.test_fraction", d.test_fraction, 0.0, 0.5)
     _range("data.shuffle_buffer", d.shuffle_buffer, 1)
     _choice("data.on_error", d.on_error, ("skip", "fail"))
+    _range("data.train_per_class", d.train_per_class, 0)
+    _range("data.mock_examples", d.mock_examples, 0)
+    if d.classes is not None and len(d.classes) < 2:
+        raise ConfigError(f"data.classes={list(d.classes)!r}: name at least 2 classes, or null "
+                          f"for all")
     if d.val_split is None and d.val_fraction == 0.0:
         raise ConfigError("data.val_fraction=0.0 with no data.val_split: validation needs one")
 
@@ -295,6 +318,13 @@ def validate(cfg) -> None:
         _choice(f"finetune.stages[{i}].train", stage.train, TRAINABLE)
         if stage.bn is not None:
             _choice(f"finetune.stages[{i}].bn", stage.bn, BN_POLICIES)
+
+    r = cfg.recipe
+    _choice("recipe.source", r.source, ("none", "measured", "target"))
+    _range("recipe.tolerance", r.tolerance, 0.0)
+    if r.source != "none" and r.expected is None:
+        raise ConfigError(f"recipe.source={r.source!r} needs recipe.expected (the {r.metric} "
+                          f"the recipe should reach)")
 
     _range("trainer.epochs", t.epochs, 1)
     stage_plan(cfg)  # stage epochs against trainer.epochs

@@ -8,8 +8,9 @@ Class names and counts always come from the data, never from the config.
 from __future__ import annotations
 
 import csv
+import zlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -241,9 +242,70 @@ def load_folder(cfg) -> Dataset:
     return Dataset(root.name, class_names, splits, counts, version="folder", skipped=skipped)
 
 
+# --------------------------------------------------------------------------- subsets
+
+
+def _labels(ds: tf.data.Dataset) -> np.ndarray:
+    """Every label of a split (a pass over it: cheap for digits, a full read for TFDS)."""
+    return np.fromiter((int(y) for y in ds.map(lambda x, y: y).as_numpy_iterator()), np.int64)
+
+
+def select_classes(dataset: Dataset, classes: list[str]) -> Dataset:
+    """Only `classes`, relabelled 0..k-1 in the order given (data.classes)."""
+    unknown = [c for c in classes if c not in dataset.class_names]
+    if unknown or len(set(classes)) != len(classes):
+        raise DataError(f"data.classes={list(classes)}: {unknown or 'duplicates'} not usable; "
+                        f"the classes of {dataset.name!r} are {dataset.class_names}")
+    table = np.full(len(dataset.class_names), -1, np.int64)
+    table[[dataset.class_names.index(c) for c in classes]] = np.arange(len(classes))
+    table = tf.constant(table)
+    splits = {k: ds.filter(lambda x, y: tf.gather(table, y) >= 0)
+                   .map(lambda x, y: (x, tf.gather(table, y)))
+              for k, ds in dataset.splits.items()}
+    counts = {k: len(_labels(ds)) for k, ds in splits.items()}
+    return replace(dataset, class_names=list(classes), splits=splits, counts=counts)
+
+
+def few_labels(dataset: Dataset, per_class: int) -> Dataset:
+    """A seeded, stratified `per_class` training examples of each class (data.train_per_class)."""
+    labels = _labels(dataset.splits["train"])
+    rng = np.random.default_rng(1234)
+    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class]
+                                   for c in range(dataset.num_classes)]))
+    splits = {**dataset.splits, "train": _select(dataset.splits["train"], keep, len(labels))}
+    return replace(dataset, splits=splits, counts={**dataset.counts, "train": len(keep)})
+
+
+def _mock_split(num_examples: int):
+    """Random (image, label) examples for `tfds.testing.mock_data`.
+
+    TFDS' own mock fills every feature at random, which some datasets refuse (oxford_iiit_pet's
+    bounding boxes come out with min > max); the trainer reads only the image and the label.
+    """
+    def as_dataset(builder, split, decoders=None, read_config=None, **kwargs):
+        rng = np.random.default_rng(zlib.crc32(str(split).encode()))
+        images = rng.integers(0, 256, (num_examples, 48, 64, 3), dtype=np.uint8)
+        classes = builder.info.features["label"].num_classes
+        labels = rng.integers(0, classes, num_examples)
+        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+    return as_dataset
+
+
 def load_dataset(cfg) -> Dataset:
     loader = {"digits": load_digits, "tfds": load_tfds, "folder": load_folder}[cfg.source]
-    dataset = loader(cfg)
+    if cfg.source == "tfds" and cfg.mock_examples:
+        import tensorflow_datasets as tfds
+
+        # The dataset's real class names and splits, random images; nothing is downloaded.
+        with tfds.testing.mock_data(num_examples=cfg.mock_examples,
+                                    as_dataset_fn=_mock_split(cfg.mock_examples)):
+            dataset = loader(cfg)
+    else:
+        dataset = loader(cfg)
+    if cfg.classes:
+        dataset = select_classes(dataset, list(cfg.classes))
+    if cfg.train_per_class:
+        dataset = few_labels(dataset, cfg.train_per_class)
     for split in ("train", "val"):
         if dataset.counts.get(split, 0) == 0:
             raise DataError(f"data {dataset.name!r}: the {split} split is empty")

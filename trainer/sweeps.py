@@ -31,7 +31,7 @@ from trainer.atomic import write_json
 log = logging.getLogger(__name__)
 
 # What does not change a trial's result: logging, checkpoint cadence, its label.
-RUNTIME_KEYS = ("hydra", "name", "logger", "trainer.log_every_steps",
+RUNTIME_KEYS = ("hydra", "name", "recipe", "logger", "trainer.log_every_steps",
                 "trainer.checkpoint_every_steps", "trainer.keep_checkpoints",
                 "trainer.allow_config_change")
 FAILED_FILE = "failed.json"

@@ -99,7 +99,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     with strategy.scope():
         model = build_model(cfg.model, dataset.num_classes)
         source = load_pretrained(model, cfg.model.pretrained, cfg.model.name,
-                                 cfg.model.checkpoint_format)
+                                 cfg.model.checkpoint_format, dataset.class_names)
         lr_scale = tf.Variable(1.0, dtype=tf.float32, trainable=False)  # lowered by rollbacks
         schedule = ScaledSchedule(make_stage_schedules(cfg, stages, steps_per_epoch), lr_scale)
         optimizer = make_optimizer(cfg.optim, schedule, model,

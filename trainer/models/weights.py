@@ -9,6 +9,7 @@ reported together by name and shape.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -266,11 +267,11 @@ def _donor(backbone: MobileViTBackbone) -> keras.Model:
     return build_classifier(MobileViTBackbone.from_config(config), IMAGENET_CLASSES)
 
 
-def _copy_from(donor: keras.Model, model: keras.Model) -> bool:
+def _copy_from(donor: keras.Model, model: keras.Model, keep_head: bool = True) -> bool:
     find_backbone(model).set_weights(find_backbone(donor).get_weights())
     head = _head_layer(model)
     donor_head = _head_layer(donor)
-    if head is not None and donor_head is not None and head.units == donor_head.units:
+    if keep_head and head is not None and donor_head is not None and head.units == donor_head.units:
         head.set_weights(donor_head.get_weights())
         return True
     return False
@@ -290,8 +291,12 @@ def load_keras_weights(model: keras.Model, path: str | os.PathLike) -> bool:
     return _copy_from(donor, model)
 
 
-def load_run_weights(model: keras.Model, run_dir: Path) -> bool:
-    """Backbone (and head, if the class count matches) of a finished run's export/model.keras."""
+def load_run_weights(model: keras.Model, run_dir: Path, class_names: list[str] | None = None
+                     ) -> bool:
+    """Backbone (and head, if it was trained on the same classes) of a finished run's model.
+
+    Another dataset with as many classes (digits 0-4, then 5-9) gets a new head.
+    """
     path = run_dir / "export" / "model.keras"
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a finished run: {path} does not exist")
@@ -299,11 +304,17 @@ def load_run_weights(model: keras.Model, run_dir: Path) -> bool:
     src, dst = find_backbone(donor), find_backbone(model)
     if [w.shape for w in src.weights] != [w.shape for w in dst.weights]:
         raise CheckpointError(f"run {run_dir} trained {src.name}, which does not fit {dst.name}")
-    return _copy_from(donor, model)
+    info = run_dir / "dataset.json"
+    same = (class_names is None or not info.is_file()
+            or json.loads(info.read_text())["class_names"] == list(class_names))
+    return _copy_from(donor, model, keep_head=same)
 
 
-def load_pretrained(model: keras.Model, spec: str, name: str, fmt: str | None = None) -> str:
+def load_pretrained(model: keras.Model, spec: str, name: str, fmt: str | None = None,
+                    class_names: list[str] | None = None) -> str:
     """Initialise `model` from `spec`: 'imagenet', 'none', a checkpoint file or a run directory.
+
+    `class_names`: the classes being trained; a run's head is kept only if it had the same.
 
     Returns a one-line description of what was loaded, for the log.
     """
@@ -326,7 +337,7 @@ def load_pretrained(model: keras.Model, spec: str, name: str, fmt: str | None = 
         return f"ImageNet weights of {HUB_REPO.format(name=name)} (head {'kept' if head else 'new'})"
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "export" / "model.keras").is_file():
-        head = load_run_weights(model, path)
+        head = load_run_weights(model, path, class_names)
     elif path.name.endswith(".weights.h5"):
         if not path.is_file():
             raise CheckpointError(f"checkpoint file not found: {path}")
