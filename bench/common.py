@@ -94,7 +94,7 @@ def interleaved(runs: dict[str, Callable[[], None]], items_per_call: int, repeat
                 calls: int = 1) -> dict[str, dict]:
     """Throughput of each callable, measured round-robin `repeats` times: median and spread.
 
-    Each callable has been warmed up by the caller (tracing, XLA compilation, allocator).
+    One timing covers `calls` calls of `fn`, each processing `items_per_call` images. Each callable has been warmed up by the caller (tracing, XLA compilation, allocator).
     """
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):

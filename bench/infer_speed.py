@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 for fn in runs.values():
                     fn(), fn()
                 calls = max(1, 8 // batch)
-                r = common.interleaved(runs, batch * calls, args.repeats, calls)
+                r = common.interleaved(runs, batch, args.repeats, calls)
                 for variant in runs:
                     if variant == "timm":
                         continue

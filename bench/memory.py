@@ -2,7 +2,9 @@
 
 Ours: a real `python -m trainer` run (digits upscaled to the size, batch 32, 3 steps and one
 evaluation, no export) in a child process. Reference: a child process that builds timm's model
-and runs 3 AdamW steps on the same batch shape. Peak RSS from the kernel (`os.wait4`).
+and runs 3 AdamW steps on the same batch shape. Peak RSS from the kernel (`os.wait4`), through
+a small launcher process: Linux carries a process's peak RSS across fork and exec, so a child of
+this (large) process would report at least this process's own peak.
 
     python -m bench.memory
 """
@@ -33,13 +35,23 @@ for _ in range(3):
 """
 
 
+# Forks and execs the command from a fresh ~10 MiB interpreter, waits, prints the peak in KiB.
+LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+
+
 def peak_rss_mib(cmd: list[str], env: dict | None = None) -> float:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, **(env or {})})
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])}... failed: {proc.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss / 1024  # KiB on Linux
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})})
+    kib, code = proc.stdout.split()[-2:]
+    if int(code) != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}... failed: {proc.stderr[-2000:]}")
+    return int(kib) / 1024
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

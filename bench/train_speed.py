@@ -78,7 +78,7 @@ def measure(name: str, size: int, args) -> list[dict]:
             "timm": timm_step(name, args.batch, size, args.device)}
     for fn in runs.values():  # tracing, XLA compilation, allocator warm-up
         fn(), fn()
-    r = common.interleaved(runs, args.batch * args.steps, args.repeats, args.steps)
+    r = common.interleaved(runs, args.batch, args.repeats, args.steps)
     precision = " mixed_float16" if args.device == "gpu" else " float32"
     return [common.speed_row(
         "train", name, args.batch, size, r[variant], r["timm"],
