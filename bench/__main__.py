@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from bench import infer_speed, macs, memory, pipeline_speed, report, train_speed
+from bench import (infer_speed, macs, memory, pipeline_speed, profile_infer, report,
+                   train_speed)
 
 
 def main() -> None:
@@ -20,6 +21,7 @@ def main() -> None:
     macs.main(device)
     if device[1] == "cpu":  # peak RSS is host memory; on a GPU the device memory matters
         memory.main([])
+        profile_infer.main(["--models", "mobilevit_xxs", "mobilevit_xs", "mobilevit_s"])
     report.main()
 
 

@@ -22,7 +22,7 @@ def load(name: str) -> list[dict]:
 def section() -> str:
     parts = []
     train, infer, pipeline = load("train"), load("infer"), load("pipeline")
-    memory, macs = load("memory"), load("macs")
+    memory, macs, profile = load("memory"), load("macs"), load("profile_infer")
     first = next((rows[0]["machine"] for rows in (train, infer, pipeline, memory, macs) if rows),
                  None)
     if first:
@@ -65,10 +65,58 @@ def section() -> str:
                                            ("matmul_gflop_s", "matmul GFLOP/s"),
                                            ("fraction_of_matmul", "ours: of matmul"),
                                            ("ref_fraction_of_matmul", "timm: of matmul")]))
-    parts.append("Re-run: `python -m bench` (all of it, about 40 minutes on 2 cores), or one of "
-                 "`python -m bench.train_speed | infer_speed | pipeline_speed | memory | macs`, "
+    if profile:
+        parts.append(profile_section(profile))
+    if train or infer or pipeline:
+        parts.append(targets(train, infer, pipeline))
+    parts.append("Re-run: `python -m bench` (all of it, about 90 minutes on 2 cores), or one of "
+                 "`python -m bench.train_speed | infer_speed | pipeline_speed | memory | macs | "
+                 "profile_infer`, "
                  "then `python -m bench.report`. On a GPU machine: `python -m bench --device gpu`.")
     return "\n\n".join(parts)
+
+
+def profile_section(rows: list[dict]) -> str:
+    """Batch-1 latency of the variants tried, and where the time goes (bench/profile_infer.py)."""
+    variants = list(rows[0]["ms"])
+    lines = ["**Batch 1, where the time goes** (`python -m bench.profile_infer`; ms per image; "
+             "`savedmodel` is the export, whose graph has its weights frozen in as constants; "
+             "`tf.function` is the same network reading its variables):", "",
+             "| model | " + " | ".join(variants) + " | TF ops per image | top op types (ms) |",
+             "|" + "---|" * (len(variants) + 3)]
+    for r in rows:
+        top = ", ".join(f"{k} {v['ms']}" for k, v in list(r["top_ops"].items())[:5])
+        lines.append(f"| {r['model']} | " + " | ".join(str(r["ms"][v]) for v in variants)
+                     + f" | {r['ops_per_image']} | {top} |")
+    return "\n".join(lines)
+
+
+def _worst(rows: list[dict], keep) -> float | None:
+    chosen = [r["speedup"] for r in rows if keep(r)]
+    return min(chosen) if chosen else None
+
+
+def targets(train: list[dict], infer: list[dict], pipeline: list[dict]) -> str:
+    """Each target of the benchmark issue against the worst row that it covers."""
+    checks = [
+        ("training >= timm, every size (graph mode, float32)", 1.0,
+         _worst(train, lambda r: "XLA" not in r["ours"])),
+        ("SavedModel inference >= 1.2x timm, batch 32", 1.2,
+         _worst(infer, lambda r: r["ours"].startswith("savedmodel") and r["batch"] > 1)),
+        ("SavedModel inference >= 1.2x timm, batch 1", 1.2,
+         _worst(infer, lambda r: r["ours"].startswith("savedmodel") and r["batch"] == 1)),
+        ("LiteRT float32 >= 1.2x timm, batch 1", 1.2,
+         _worst(infer, lambda r: r["ours"] == "litert_float32")),
+        ("LiteRT int8 >= 1.2x timm, batch 1", 1.2,
+         _worst(infer, lambda r: r["ours"] == "litert_int8")),
+        ("input pipeline >= 3x the model's training rate", 3.0, _worst(pipeline, lambda r: True)),
+    ]
+    lines = ["**Against the targets** (worst row of each):", "", "| target | worst | met |",
+             "|---|---|---|"]
+    for name, bar, worst in checks:
+        if worst is not None:
+            lines.append(f"| {name} | {worst:.2f}x | {'yes' if worst >= bar else '**no**'} |")
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -111,7 +111,7 @@ def test_crash_during_export_keeps_the_previous_export(run, tmp_path, monkeypatc
     shutil.copytree(run_dir / "export" / "classifier", target)
     before = sorted(p.relative_to(target) for p in target.rglob("*"))
 
-    def crash(net, path, endpoints):
+    def crash(path, endpoints):
         Path(path).mkdir(parents=True)
         (Path(path) / "saved_model.pb").write_bytes(b"half")  # a partial write, then death
         raise KeyboardInterrupt("killed while exporting")

@@ -16,6 +16,7 @@ from typing import Callable
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from trainer.atomic import write_json, write_text
 from trainer.models.weights import find_backbone
@@ -43,12 +44,32 @@ def feature_model(model: keras.Model) -> keras.Model:
     return keras.Model(backbone.input, pooled, name=f"{backbone.name}_features")
 
 
-def _save(module_model: keras.Model, path: Path, endpoints: dict[str, tuple[Callable, list]]):
+def _save(path: Path, endpoints: dict[str, tuple[Callable, list]]):
     archive = keras.export.ExportArchive()
-    archive.track(module_model)
     for name, (fn, signature) in endpoints.items():
         archive.add_endpoint(name, fn, input_signature=signature)
-    archive.write_out(str(path), verbose=False)
+    # The frozen graph carries no variables, so there are no custom gradients worth saving (and
+    # their captures would not serialise).
+    archive.write_out(str(path), verbose=False,
+                      options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
+
+
+def frozen_forward(net: keras.Model, image_size: int) -> tf.types.experimental.GenericFunction:
+    """`net`'s inference pass as one function with its weights folded in as constants.
+
+    Why: a function that reads its ~300 variables recomputes every BatchNorm's scale and shift
+    on each call; with constants, grappler folds them once. At batch 1 on CPU that is ~20% of the
+    time (bench/profile_infer.py: XXS 22.9 -> 17.5 ms per image, timm eager 19.6 ms). The
+    SavedModel is served, not trained: model.keras is the one to fine-tune.
+    """
+    spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)
+    live = tf.function(lambda images: tf.cast(net(images, training=False), tf.float32))
+    frozen = convert_variables_to_constants_v2(live.get_concrete_function(spec))
+
+    @tf.function(input_signature=[spec])
+    def forward(images):
+        return tf.nest.flatten(frozen(images))[0]
+    return forward
 
 
 def export_float_savedmodel(model: keras.Model, path: Path, image_size: int,
@@ -60,11 +81,12 @@ def export_float_savedmodel(model: keras.Model, path: Path, image_size: int,
     """
     net = model if output == "logits" else feature_model(model)
     spec = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")]
+    forward = frozen_forward(net, image_size)
 
     def serve(images):
-        return {output: tf.cast(net(images, training=False), tf.float32)}
+        return {output: forward(images)}
 
-    return atomic_dir(path, lambda tmp: _save(net, tmp, {"serving_default": (serve, spec)}))
+    return atomic_dir(path, lambda tmp: _save(tmp, {"serving_default": (serve, spec)}))
 
 
 def check_reload(path: Path, images: np.ndarray, expected: np.ndarray, key: str,
@@ -91,9 +113,7 @@ def _image_signatures(net: keras.Model, image_size: int, crop_pct: float, output
     from trainer.augment import eval_preprocess
 
     # Traced once and called by all three signatures: each would otherwise trace the network.
-    @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)])
-    def forward(images):
-        return tf.cast(net(images, training=False), tf.float32)
+    forward = frozen_forward(net, image_size)
 
     def run(images):
         return outputs(forward(images))
@@ -131,14 +151,14 @@ def export_classifier(model: keras.Model, path: Path, class_names: list[str], im
                 "top_k_indices": top.indices, "top_k_names": tf.gather(names, top.indices)}
 
     endpoints = _image_signatures(model, image_size, crop_pct, outputs)
-    return atomic_dir(path, lambda tmp: _save(model, tmp, endpoints))
+    return atomic_dir(path, lambda tmp: _save(tmp, endpoints))
 
 
 def export_feature_extractor(model: keras.Model, path: Path, image_size: int,
                              crop_pct: float) -> Path:
     net = feature_model(model)
     endpoints = _image_signatures(net, image_size, crop_pct, lambda f: {"features": f})
-    return atomic_dir(path, lambda tmp: _save(net, tmp, endpoints))
+    return atomic_dir(path, lambda tmp: _save(tmp, endpoints))
 
 
 def save_keras(model: keras.Model, path: Path) -> Path:
