@@ -35,6 +35,15 @@ def test_optuna_search_of_three_trials_reports_the_best(tmp_path):
         lr = float(next(o for o in overrides if o.startswith("optim.lr=")).split("=")[1])
         assert 3e-4 <= lr <= 3e-3
 
+    # The same command again: the seeded sampler proposes the same trials, all found finished.
+    again = subprocess.run(sweep_command(args), cwd=tmp_path, env=env(), capture_output=True,
+                           text=True, timeout=600)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert out.count("already holds this finished run") == 3 and "Epoch 1/1" not in out
+    assert trial_dirs(tmp_path) == trials
+    assert f"Best value: {best['best_value']}" in out
+
 
 def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     good = make_image_folder(tmp_path / "good")

@@ -131,3 +131,19 @@ def test_class_subset_and_few_labels_per_class():
     assert {x.tobytes() for x, y in dataset.splits["val"].as_numpy_iterator() if y == 0} == sevens
     with pytest.raises(DataError, match=r"data.classes=\['5', 'x'\]: \['x'\] not usable"):
         load_dataset(tiny_cfg("data.classes=[5,x]").data)
+
+
+def test_wandb_run_is_finished_when_training_fails(tmp_path):
+    from trainer.loggers import EpochLoggers
+
+    cfg = tiny_cfg("logger=wandb", "logger.mode=offline")
+    with pytest.raises(RuntimeError, match="boom"):
+        with EpochLoggers(cfg, tmp_path, chief=True, completed_epochs=0) as loggers:
+            loggers.log_epoch({"epoch": 1, "loss": 2.0, "accuracy": 0.1, "val_loss": 2.1,
+                               "val_accuracy": 0.1, "lr": 1e-3})
+            raise RuntimeError("boom")
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    (offline,) = list((tmp_path / "wandb").glob("offline-run-*"))
+    debug = (offline / "logs" / "debug.log").read_text()
+    assert f"finishing run mobilevit-trainer/{run_id}" in debug and "got exitcode: 1" in debug
+    assert (tmp_path / "history.csv").read_text().count("\n") == 2  # header + the epoch logged

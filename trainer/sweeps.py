@@ -30,8 +30,8 @@ from trainer.atomic import write_json
 
 log = logging.getLogger(__name__)
 
-# What does not change a trial's result: logging, checkpoint cadence, its label.
-RUNTIME_KEYS = ("hydra", "name", "recipe", "logger", "trainer.log_every_steps",
+# What does not change a trial's result: where it runs, logging, checkpoint cadence, its label.
+RUNTIME_KEYS = ("hydra", "launcher", "name", "recipe", "logger", "trainer.log_every_steps",
                 "trainer.checkpoint_every_steps", "trainer.keep_checkpoints",
                 "trainer.allow_config_change")
 FAILED_FILE = "failed.json"
