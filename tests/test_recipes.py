@@ -73,6 +73,13 @@ def test_reproduce_refuses_an_unknown_recipe(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_reproduce_refuses_a_bad_override_and_leaves_nothing(tmp_path):
+    run = reproduce(["digits_5to9_transfer", "optim.lr=-1", "--out", "out"], tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip() == "error: optim.lr=-1.0 is out of range; it must be > 0.0"
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_reproduce_smoke_runs_the_transfer_recipe_after_its_pretraining(tmp_path):
     run = reproduce(["digits_5to9_transfer", "--smoke", "--out", "out"], tmp_path)
     out = run.stdout + run.stderr

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few steps on mock data")
     parser.add_argument("--out", type=Path, default=Path("outputs/reproduce"))
     args = parser.parse_args(argv)
+    root = None
     try:
         name = recipe_name(args.recipe)
         order = run_order(name)
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             plans.append((n, [*extra, *wired]))
             compose_recipe(n, plans[-1][1])  # every mistake shows before the first run starts
     except ConfigError as e:
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)  # nothing has run: leave nothing behind
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -141,10 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: recipe {n} failed (exit status {status}); see {dirs[n]}",
                   file=sys.stderr)
             return status
-    cfg = compose_recipe(name, args.overrides, check=False)
     metrics = json.loads((dirs[name] / "metrics.json").read_text())
     result = {"recipe": name, "smoke": args.smoke, "run_dir": str(dirs[name]),
-              **compare(cfg, metrics)}
+              **compare(cfg, metrics)}  # cfg: planned last, the recipe itself
     write_json(dirs[name] / "reproduce.json", result)
     measured = result["measured"]
     shown = "missing" if measured is None else f"{measured:.4f}"
