@@ -8,8 +8,8 @@ Class names and counts always come from the data, never from the config.
 from __future__ import annotations
 
 import csv
-import zlib
 import logging
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 

@@ -123,7 +123,7 @@ def check_free_space(run_dir: Path, needed: int) -> None:
 
 
 # Ours: ".<name>.tmp-<pid>..." being written and ".<name>.old-<pid>" being replaced
-# (export.atomic_dir, write_json); TensorFlow's: "checkpoints/*/<prefix>_temp/".
+# (export.atomic_dir, trainer/atomic.py); TensorFlow's: "checkpoints/*/<prefix>_temp/".
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
 
 

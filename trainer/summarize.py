@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from trainer.atomic import write_text
+from trainer.sweeps import FAILED_FILE
 
 METRICS = ("val_accuracy", "test_accuracy", "val_loss", "best_epoch", "train_seconds")
 
@@ -40,8 +41,8 @@ def trial_row(run_dir: Path, sweep_dir: Path) -> dict:
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
         row.update(status="finished", **{k: metrics.get(k) for k in METRICS})
-    elif (run_dir / "failed.json").is_file():
-        row.update(status="failed", error=json.loads((run_dir / "failed.json").read_text())["error"])
+    elif (run_dir / FAILED_FILE).is_file():
+        row.update(status="failed", error=json.loads((run_dir / FAILED_FILE).read_text())["error"])
     elif any((run_dir / "checkpoints" / "last").glob("ckpt-*.index")):
         row["status"] = "interrupted"
     else:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     rows = write_summary(args.sweep_dir, args.objective)
-    print(markdown(*shared_overrides(rows), COLUMNS), end="")
+    print((args.sweep_dir / "summary.md").read_text(), end="")
     print(f"{len(rows)} trial(s); wrote {args.sweep_dir / 'summary.md'} and summary.csv")
     return 0
 
