@@ -73,7 +73,7 @@ def test_grid_sweep_killed_resumes_only_what_is_left_then_skips_all(tmp_path):
     assert len(trials) == 4 and len({t.parent for t in trials}) == 1  # one sweep directory
     sweep = trials[0].parent
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
-    assert [r["status"] for r in rows] == ["finished"] * 4
+    assert [r["status"] for r in rows] == ["finished"] * 4, [(r["trial"], r["error"]) for r in rows]
     grid = {tuple(o for o in r["overrides"].split() if o.startswith(("optim.lr=", "seed=")))
             for r in rows}
     assert grid == {(f"optim.lr={lr}", f"seed={s}") for lr in ("0.001", "0.0003") for s in (0, 1)}
