@@ -147,3 +147,37 @@ def test_wandb_run_is_finished_when_training_fails(tmp_path):
     debug = (offline / "logs" / "debug.log").read_text()
     assert f"finishing run mobilevit-trainer/{run_id}" in debug and "got exitcode: 1" in debug
     assert (tmp_path / "history.csv").read_text().count("\n") == 2  # header + the epoch logged
+
+
+def test_wandb_run_killed_in_a_shared_service_gets_a_clear_error(tmp_path):
+    """A detached wandb-core (`wandb beta core start`, joined through WANDB_SERVICE) keeps the
+    stream of a killed run open: resuming that run says what holds it and what to do."""
+    import signal
+
+    wandb_cli = str(Path(sys.executable).with_name("wandb"))
+    start = subprocess.run([wandb_cli, "beta", "core", "start", "--idle-timeout", "60s"],
+                           capture_output=True, text=True, timeout=60)
+    assert start.returncode == 0, start.stderr
+    env = {**os.environ, "WANDB_SERVICE": start.stdout.strip().splitlines()[-1],
+           "WANDB_SILENT": "true", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    script = ("import sys, time; from tests.helpers import tiny_cfg; "
+              "from trainer.loggers import start_wandb; "
+              "start_wandb(tiny_cfg('logger=wandb', 'logger.mode=offline'), "
+              f"__import__('pathlib').Path({str(tmp_path)!r})); print('open', flush=True); "
+              "time.sleep(120)")
+    try:
+        first = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True)
+        assert first.stdout.readline().strip() == "open"
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        again = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                               text=True, timeout=120)
+    finally:
+        subprocess.run([wandb_cli, "beta", "core", "stop"], env=env, capture_output=True,
+                       timeout=60)
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    assert again.returncode == 1
+    assert (f"wandb run {run_id} ({tmp_path / 'wandb_id.txt'}) is still open in the wandb-core "
+            "service this process joined through WANDB_SERVICE") in again.stderr
+    assert "unset WANDB_SERVICE or restart that service" in again.stderr

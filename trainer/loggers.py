@@ -9,6 +9,7 @@ is finished (with a failure exit code) even when training raises.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from pathlib import Path
 
@@ -65,9 +66,20 @@ def start_wandb(cfg, run_dir: Path):
     import wandb
 
     lc = cfg.logger
-    return wandb.init(project=lc.project, entity=lc.entity, group=lc.group or sweep_group(),
-                      tags=list(lc.tags), name=run_dir.name, id=wandb_run_id(run_dir),
-                      resume="allow", dir=str(run_dir), mode=lc.mode, config=flat_config(cfg))
+    run_id = wandb_run_id(run_dir)
+    try:
+        return wandb.init(project=lc.project, entity=lc.entity, group=lc.group or sweep_group(),
+                          tags=list(lc.tags), name=run_dir.name, id=run_id, resume="allow",
+                          dir=str(run_dir), mode=lc.mode, config=flat_config(cfg))
+    except Exception as e:
+        # A shared wandb-core (WANDB_SERVICE, inherited from a parent process) still holds the
+        # stream of a killed attempt of this run: say so, rather than wandb's bare message.
+        if "is in use" in str(e) and os.environ.get("WANDB_SERVICE"):
+            raise RuntimeError(
+                f"wandb run {run_id} ({run_dir / 'wandb_id.txt'}) is still open in the wandb-core "
+                f"service this process joined through WANDB_SERVICE (a killed attempt of this run "
+                f"left it there): unset WANDB_SERVICE or restart that service, then re-run") from e
+        raise
 
 
 class EpochLoggers:
