@@ -91,6 +91,8 @@ def test_sigkill_mid_epoch_during_checkpoint_and_during_export_then_resume(tmp_p
     metrics_a = json.loads((straight / "metrics.json").read_text())
     metrics_b = json.loads((run / "metrics.json").read_text())
     assert metrics_b["val_accuracy"] == metrics_a["val_accuracy"]
+    # Resumed after its last epoch, the run still reports the stages it trained.
+    assert metrics_b["stages"] == metrics_a["stages"] and len(metrics_a["stages"]) == 1
     assert tf.saved_model.load(str(run / "export" / "classifier")).signatures["serving_default"]
 
     # Re-running the finished run does nothing; resuming it with another optimizer is refused.

@@ -209,6 +209,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             str(state_dir / "checkpoints" / "best"))
         ckpt.restore(best_path).expect_partial()
         finetune.use_ema(ema)  # the checkpoints keep the raw weights; evaluation and export the EMA
+        # The whole plan (a resumed attempt applied only the stages it reached); this leaves the
+        # last stage's trainable flags, as an uninterrupted run does.
+        trained_sets = [finetune.apply_stage(model, s) for s in stages]
         metrics = {"best_epoch": int(best_path.rsplit("-", 1)[-1]),
                    "best_val_accuracy_during_training": float(position["best"].numpy()),
                    "epochs": cfg.trainer.epochs, "train_seconds": round(train_time.seconds, 2),
