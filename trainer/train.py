@@ -155,14 +155,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     # Loggers (history.csv, curves, TensorBoard, wandb) close properly even if training fails.
     with EpochLoggers(cfg, run_dir, chief, int(position["epoch"].numpy())) as loggers:
-        rollbacks, stage, trained_sets = 0, None, []
+        rollbacks, stage = 0, None
         with Timer() as train_time, preemption_handler() as preemption:
             while (epoch := int(position["epoch"].numpy())) < cfg.trainer.epochs:
                 if finetune.stage_at(stages, epoch) != stage:
                     stage = finetune.stage_at(stages, epoch)
-                    trained_sets.append(finetune.apply_stage(model, stage))
+                    trains = finetune.apply_stage(model, stage)
                     loop.reset()  # a traced step would keep the old trainable set
-                    log.info("stage %r from epoch %d: %s", stage.name, epoch + 1, trained_sets[-1])
+                    log.info("stage %r from epoch %d: %s", stage.name, epoch + 1, trains)
                 start_step = int(position["step"].numpy())
                 totals = (dict(zip(STAT_KEYS, position["totals"].numpy().tolist())) if start_step
                           else None)
