@@ -12,8 +12,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from trainer import sweeps
+from trainer import preflight, sweeps
 from trainer.config import ConfigError, register
+from trainer.failures import (INTERRUPTED_EXIT, NON_FINITE_EXIT, RESOURCE_EXIT,
+                              resource_message)
 from trainer.precheck import CONF_DIR, check, searchpath_override
 from trainer.rundir import SHARED_RUN_DIR_ENV, resume_argv
 
@@ -28,8 +30,9 @@ def app(cfg: DictConfig) -> float:
 
     logging.getLogger("absl").setLevel(logging.WARNING)
     from trainer.train import train  # TensorFlow starts here, after the config checks
+    import tensorflow as tf
     from trainer.data import DataError
-    from trainer.loop import NON_FINITE_EXIT, PREEMPTED_EXIT, NonFiniteLoss, Preempted
+    from trainer.loop import NonFiniteLoss, Preempted
     from trainer.models.weights import CheckpointError
 
     log = logging.getLogger("trainer")
@@ -44,12 +47,19 @@ def app(cfg: DictConfig) -> float:
         sys.exit(2)
     except Preempted as e:  # the same command resumes from the checkpoint
         log.warning("%s", e)
-        print(f"preempted: {e}", file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT)
+        print(e if e.exit_code == INTERRUPTED_EXIT else f"preempted: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except NonFiniteLoss as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(NON_FINITE_EXIT)
+    except (tf.errors.ResourceExhaustedError, OSError) as e:  # a full disk, out of memory
+        message = resource_message(e, run_dir, cfg.trainer.batch_size)
+        if message is None:
+            raise
+        log.error("%s", message)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(RESOURCE_EXIT)
     return metrics["val_accuracy"]  # the objective of sweeps
 
 
@@ -57,16 +67,16 @@ def _trial(cfg: DictConfig, run_dir: Path, log) -> float:
     """One trial of a sweep: a failure is recorded (failed.json) and the sweep goes on."""
     import keras
 
-    from trainer.loop import PREEMPTED_EXIT, Preempted
+    from trainer.loop import Preempted
     from trainer.train import train
 
     (run_dir / sweeps.FAILED_FILE).unlink(missing_ok=True)  # a re-run tries it again
     keras.backend.clear_session()  # nothing of the previous in-process trial is kept
     try:
         return train(cfg, run_dir)["val_accuracy"]
-    except Preempted as e:  # SIGTERM stops the whole sweep; the same command resumes it
+    except Preempted as e:  # SIGTERM or Ctrl-C stops the whole sweep; the same command resumes it
         log.warning("%s", e)
-        sys.exit(PREEMPTED_EXIT)
+        sys.exit(e.exit_code)
     except Exception as e:
         sweeps.record_failure(run_dir, e)
         log.error("trial %s failed: %s: %s (recorded in %s; the sweep goes on)", run_dir.name,
@@ -98,9 +108,14 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chatter out
     try:
         sys.argv[1:] = resume_argv(sys.argv[1:])  # resume=RUN_DIR: that run's own overrides
-        check(sys.argv[1:])
+        cfgs = check(sys.argv[1:])
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:  # downloads and logins, before TensorFlow starts: offline fails in seconds
+        preflight.check(cfgs)
+    except preflight.PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     # Extra overrides go first (after -m): Hydra's parser takes no overrides after a flag like
     # --cfg, nor overrides on both sides of -m.
@@ -118,7 +133,12 @@ def main() -> None:
         sys.argv[1:] = [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"] + [
             a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
     register()
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (start-up, evaluation, export)
+        print("interrupted; run the same command to resume from the last checkpoint",
+              file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT)
 
 
 if __name__ == "__main__":

@@ -106,10 +106,7 @@ def load_tfds(cfg) -> Dataset:
                              download=cfg.download, shuffle_files=False, decoders=decoders,
                              with_info=True)
         except Exception as e:
-            text = str(e).splitlines()[0] if str(e) else ""
-            raise DataError(f"data.tfds_name={cfg.tfds_name!r} split {split!r}: cannot load it "
-                            f"({type(e).__name__}: {text}); check the split name, or set "
-                            f"data.data_dir to a prepared TFDS directory") from None
+            raise DataError(_tfds_failure(cfg, split, e)) from None
 
     def pairs(ds: tf.data.Dataset) -> tf.data.Dataset:
         return ds.map(lambda e: (e["image"], tf.cast(e["label"], tf.int64)))
@@ -137,6 +134,30 @@ def load_tfds(cfg) -> Dataset:
         test, _ = read(cfg.test_split)
         splits["test"], counts["test"] = pairs(test), count(test, info, cfg.test_split)
     return Dataset(cfg.tfds_name, class_names, splits, counts, version=str(info.version))
+
+
+def _tfds_failure(cfg, split: str, e: Exception) -> str:
+    """One line saying what actually failed when TFDS could not load or prepare a split."""
+    import requests
+    import tensorflow_datasets as tfds
+
+    from trainer.preflight import tfds_advice
+
+    name = cfg.tfds_name
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, ModuleNotFoundError):
+        return (f"preparing TFDS {name} needs the Python package {e.name!r}, which is not "
+                f"installed: pip install {e.name}")
+    if isinstance(e, (tfds.download.DownloadError, requests.RequestException)):
+        return (f"cannot download TFDS {name} ({type(e).__name__}: {text}); "
+                f"{tfds_advice(name, cfg.data_dir)}")
+    if "split" in text.lower():
+        return (f"data.tfds_name={name!r} split {split!r}: {text}; check the split name "
+                f"(data.train_split, data.val_split, data.test_split)")
+    if not cfg.download:
+        return (f"TFDS {name} is not prepared under data.data_dir={cfg.data_dir!r} and "
+                f"data.download=false ({text}); {tfds_advice(name, cfg.data_dir)}")
+    return f"data.tfds_name={name!r} split {split!r}: cannot load it ({type(e).__name__}: {text})"
 
 
 def _check_image(path: Path) -> str | None:

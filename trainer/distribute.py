@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+from pathlib import Path
 
 import tensorflow as tf
 
@@ -22,6 +24,33 @@ def split_cpu(replicas: int) -> None:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+
+
+GPU_INSTALL = "pip install -e '.[gpu]'  (TensorFlow with its CUDA libraries)"
+
+
+def nvidia_gpu_present(device: str = "/dev/nvidia0") -> bool:
+    """Whether the machine has an NVIDIA GPU, as its driver shows it (device node, nvidia-smi)."""
+    return Path(device).exists() or shutil.which("nvidia-smi") is not None
+
+
+def report_devices() -> list[str]:
+    """Log the devices TensorFlow trains on; warn when an NVIDIA GPU is there but unseen."""
+    gpus = tf.config.list_physical_devices("GPU")
+    names = []
+    for device in tf.config.list_physical_devices():
+        detail = (tf.config.experimental.get_device_details(device).get("device_name")
+                  if device.device_type == "GPU" else None)
+        names.append(device.name.replace("/physical_device:", "") + (f" ({detail})" if detail
+                                                                      else ""))
+    log.info("devices: %s", ", ".join(names))
+    if not gpus and nvidia_gpu_present():
+        reason = ("this TensorFlow was built without CUDA support" if not
+                  tf.test.is_built_with_cuda() else "TensorFlow found no usable CUDA libraries "
+                  "or driver for it")
+        log.warning("this machine has an NVIDIA GPU but TensorFlow sees none (%s): training runs "
+                    "on the CPU. Install the GPU build with: %s", reason, GPU_INSTALL)
+    return names
 
 
 def _cluster_from_env() -> str | None:
@@ -67,6 +96,7 @@ def make_strategy(name: str, cpu_replicas: int = 0) -> tf.distribute.Strategy:
             strategy = tf.distribute.MirroredStrategy(gpu_names or cpu_names)
         else:
             raise ValueError(f"trainer.strategy={name!r} is not known")
+    report_devices()
     log.info("strategy: %s with %d replica(s)", strategy_name(strategy),
              strategy.num_replicas_in_sync)
     return strategy

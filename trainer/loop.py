@@ -32,7 +32,15 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+    """SIGTERM or Ctrl-C arrived; a checkpoint was written and the same command resumes."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None):
+        self.exit_code = 128 + signum  # what shells and schedulers expect: 143, 130
+        if signum == signal.SIGINT:
+            text = f"interrupted at step {step}; run the same command to resume (checkpoint {checkpoint})"
+        else:
+            text = f"stopped by SIGTERM at step {step}; checkpoint {checkpoint}"
+        super().__init__(text)
 
 
 STAT_KEYS = ("loss", "correct", "correct_topk", "count")  # per-epoch sums, in this order
@@ -42,28 +50,35 @@ def zero_totals() -> dict:
     return dict.fromkeys(STAT_KEYS, 0.0)
 
 
-PREEMPTED_EXIT = 143  # 128 + SIGTERM, what schedulers expect from a job they stopped
-NON_FINITE_EXIT = 3
-
-
 @contextlib.contextmanager
 def preemption_handler():
-    """Turn SIGTERM into a flag checked after each step (main thread only; else a no-op)."""
-    state = types.SimpleNamespace(requested=False)
+    """SIGTERM and Ctrl-C (SIGINT) become a flag checked after each step (main thread only).
+
+    `state.requested` is then the signal number. A second Ctrl-C gets the default disposition:
+    the process stops at once, even inside a long TensorFlow op (a checkpoint being written
+    then is never taken for complete: saves are atomic).
+    """
+    state = types.SimpleNamespace(requested=0)
 
     def handle(signum, frame):
-        log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
-        state.requested = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            log.warning("Ctrl-C: saving a checkpoint after this step, then exiting "
+                        "(Ctrl-C again to abort at once)")
+        else:
+            log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        state.requested = state.requested or signum
 
     try:
-        previous = signal.signal(signal.SIGTERM, handle)
+        previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread
         yield state
         return
     try:
         yield state
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class Loop:

@@ -59,11 +59,12 @@ def _variants(overrides: list[str]) -> list[list[str]]:
     return variants
 
 
-def check(argv: list[str]) -> None:
-    """Raise ConfigError (one line) if any composition of the command line is invalid."""
+def check(argv: list[str]) -> list:
+    """Raise ConfigError (one line) if any composition of the command line is invalid; else
+    return the composed configs (one per sweep value)."""
     split = _split_argv(argv)
     if split is None:
-        return
+        return []
     overrides, config_name, config_dir = split
     overrides = overrides + searchpath_override(argv)
     register()
@@ -71,6 +72,7 @@ def check(argv: list[str]) -> None:
         variants = _variants(overrides)
     except Exception as e:
         raise ConfigError(one_line(e)) from None
+    cfgs = []
     with initialize_config_dir(config_dir=config_dir or CONF_DIR, version_base="1.3"):
         for variant in variants:
             try:
@@ -82,3 +84,5 @@ def check(argv: list[str]) -> None:
             except Exception as e:
                 raise ConfigError(one_line(e)) from None
             validate(cfg)
+            cfgs.append(cfg)
+    return cfgs

@@ -150,8 +150,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             position["totals"].assign([totals[k] for k in STAT_KEYS])
             last.save(checkpoint_number=int(optimizer.iterations.numpy()))
         if preemption.requested:
-            raise Preempted(f"stopped by SIGTERM at step {int(optimizer.iterations.numpy())}; "
-                            f"checkpoint {last.latest_checkpoint}")
+            raise Preempted(preemption.requested, int(optimizer.iterations.numpy()),
+                            last.latest_checkpoint)
 
     # Loggers (history.csv, curves, TensorBoard, wandb) close properly even if training fails.
     with EpochLoggers(cfg, run_dir, chief, int(position["epoch"].numpy())) as loggers:
@@ -202,6 +202,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                     position["best"].assign(row["val_accuracy"])
                     best.save(checkpoint_number=epoch + 1)
                 last.save(checkpoint_number=int(optimizer.iterations.numpy()))
+                if preemption.requested:  # it came during validation: the epoch is saved
+                    raise Preempted(preemption.requested, int(optimizer.iterations.numpy()),
+                                    last.latest_checkpoint)
 
         # ------------------------------------------------------------------ final evaluation
         # The best epoch's weights (a resumed worker may find them only in the chief's directory).

@@ -17,10 +17,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from trainer.preflight import HUB_FILE, HUB_REPO, hub_url
 from trainer.models.mobilevit import MobileViTBackbone, build_classifier
 
-HUB_REPO = "timm/{name}.cvnets_in1k"  # ImageNet-1k weights of apple/ml-cvnets, in timm's naming
-HUB_FILE = "model.safetensors"
 IMAGENET_CLASSES = 1000
 
 
@@ -257,7 +256,7 @@ def download_imagenet_checkpoint(name: str) -> Path:
         raise CheckpointError(
             f"cannot get the ImageNet weights of {name}: {HUB_FILE} of {repo} is not in the "
             f"Hugging Face cache and could not be downloaded ({type(e).__name__}). Fetch "
-            f"https://huggingface.co/{repo}/resolve/main/{HUB_FILE} where there is internet and "
+            f"{hub_url(name)} where there is internet and "
             f"set model.pretrained=/path/to/{HUB_FILE} (or model.pretrained=none)") from None
 
 
