@@ -184,3 +184,26 @@ def test_mixed_bfloat16_exports_float32_and_xla_trains(tmp_path):
                     tmp_path / "xla")
     assert json.loads((tmp_path / "xla" / "run.json").read_text())["jit_compile"] is True
     assert np.isfinite(metrics["val_loss"])
+
+
+def test_devices_are_logged_and_an_unseen_nvidia_gpu_is_warned_about(tmp_path, monkeypatch,
+                                                                     caplog):
+    from trainer import distribute
+
+    assert not tf.config.list_physical_devices("GPU")  # this CPU machine, TensorFlow's view
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi, no /dev/nvidia0: no warning
+    with caplog.at_level("INFO", logger="trainer.distribute"):
+        assert distribute.report_devices() == ["CPU:0"]
+    assert "devices: CPU:0" in caplog.text and "NVIDIA" not in caplog.text
+
+    # The driver's tool on the PATH, as on a GPU machine with a CPU-only TensorFlow.
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100'\n")
+    smi.chmod(0o755)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="trainer.distribute"):
+        distribute.report_devices()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "this machine has an NVIDIA GPU but TensorFlow sees none" in warnings[0]
+    assert "pip install -e '.[gpu]'" in warnings[0]

@@ -229,3 +229,71 @@ def test_stale_temporaries_are_removed_and_a_displaced_export_put_back(tmp_path)
     assert sorted(p.name for p in removed) == [f".export.tmp-{dead}",
                                                f".history.csv.tmp-{dead}", "ckpt-7_temp"]
     assert (tmp_path / "export").is_dir() and (tmp_path / f".metrics.json.tmp-{os.getppid()}").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 200 MiB file system of its own (tmpfs), so that filling it fills only it."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(mount_point)],
+                   check=True, capture_output=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Another job writing until the disk is full."""
+    filler = directory / "another-job.bin"
+    chunk = b"\0" * (1 << 20)
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(chunk)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_disk_filling_during_training_stops_with_one_line_and_resumes(small_disk):
+    run_dir = small_disk / "run"
+    cmd = [sys.executable, "-m", "trainer", *RUN, "trainer.epochs=1",
+           "trainer.steps_per_epoch=60", "trainer.checkpoint_every_steps=2",
+           "trainer.log_every_steps=1", "trainer.export=false", "logger.tensorboard=false",
+           f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    for line in proc.stdout:  # Hydra logs to stdout; wait for training to be under way
+        if "step 3 loss" in line:
+            break
+    filler = fill(small_disk)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 4, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: the disk holding {run_dir} is full (No space left on device")
+    assert "free some space there and run the same command to resume" in last
+    intact = last.split("last complete checkpoint (")[1].rstrip(")")
+    assert tf.train.load_checkpoint(intact).get_variable_to_shape_map()  # loads completely
+
+    filler.unlink()  # space freed: the same command resumes from it and finishes
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {intact}" in done.stdout + done.stderr
+    assert epochs_in_history(run_dir) == ["1"] and (run_dir / "metrics.json").is_file()
+
+
+def test_out_of_memory_names_the_device_and_the_batch_size(tmp_path):
+    from trainer.failures import resource_message
+
+    oom = tf.errors.ResourceExhaustedError(
+        None, None, "OOM when allocating tensor with shape[64,96,128,128] and type float on "
+        "/job:localhost/replica:0/task:0/device:GPU:0 by allocator GPU_0_bfc")
+    assert resource_message(oom, tmp_path, 64) == (
+        "out of memory on GPU:0 at trainer.batch_size=64: start again with a smaller batch, e.g. "
+        "trainer.batch_size=32 (or trainer.precision=mixed_float16 on a GPU); the last complete "
+        "checkpoint is none yet")
+    assert resource_message(ValueError("something else"), tmp_path, 64) is None

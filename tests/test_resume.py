@@ -113,3 +113,68 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
     reader = tf.train.load_checkpoint(good)  # intact and loadable
     assert reader.get_variable_to_shape_map()
     assert not (run_dir / "metrics.json").exists()
+
+
+def default_sigint():
+    """A child started from a background shell inherits SIGINT as ignored: restore Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_and_wait_for(cmd: list[str], text: str) -> tuple[subprocess.Popen, list[str]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, preexec_fn=default_sigint)
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if text in line:
+            return proc, output
+    raise AssertionError(f"{text!r} never came:\n" + "".join(output)[-3000:])
+
+
+def test_ctrl_c_checkpoints_the_step_and_resumes_to_the_uninterrupted_weights(tmp_path):
+    cmd = lambda run: trainer_cmd(run, "trainer.epochs=2", "trainer.steps_per_epoch=40",  # noqa: E731
+                                  "trainer.log_every_steps=1", "aug=basic", "model.head_dropout=0.3")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    straight = subprocess.run(cmd(tmp_path / "straight"), cwd=ROOT, capture_output=True,
+                              text=True, env=env)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    run_dir = tmp_path / "run"
+    proc, output = start_and_wait_for(cmd(run_dir), "step 3 loss")  # mid-epoch 1
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, "".join(output) + rest
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and "run the same command to resume" in last
+    step = int(last.split("interrupted at step ")[1].split(";")[0])
+    saved = tf.train.latest_checkpoint(str(run_dir / "checkpoints" / "last"))
+    assert 3 <= step < 40 and saved.endswith(f"-{step}")  # the checkpoint is at that step
+    assert saved in last
+
+    done = subprocess.run(cmd(run_dir), cwd=ROOT, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from {saved}" in done.stdout + done.stderr
+    a, b = weights(tmp_path / "straight"), weights(run_dir)
+    assert a.keys() == b.keys()
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+    assert [r["epoch"] for r in history(run_dir)] == ["1", "2"]
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+    # Steps of a second or more (XS at 256x256), so the second Ctrl-C lands inside one.
+    cmd = trainer_cmd(tmp_path / "run", "model=mobilevit_xs", "model.pretrained=none",
+                      "data.image_size=256", "trainer.epochs=1", "trainer.steps_per_epoch=20",
+                      "trainer.log_every_steps=1")
+    proc, output = start_and_wait_for(cmd, "step 1 loss")
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stdout:  # the first one is acknowledged...
+        output.append(line)
+        if "Ctrl-C again to abort at once" in line:
+            break
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)  # ...the second one stops the process in the middle of a step
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT, "".join(output) + rest
+    assert time.monotonic() - sent < 5

@@ -181,3 +181,29 @@ def test_wandb_run_killed_in_a_shared_service_gets_a_clear_error(tmp_path):
     assert (f"wandb run {run_id} ({tmp_path / 'wandb_id.txt'}) is still open in the wandb-core "
             "service this process joined through WANDB_SERVICE") in again.stderr
     assert "unset WANDB_SERVICE or restart that service" in again.stderr
+
+
+def test_online_wandb_without_credentials_is_refused_before_training(tmp_path, monkeypatch):
+    home = tmp_path / "home"  # no ~/.netrc, no wandb settings: never logged in
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), PYTHONPATH=str(ROOT))
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "trainer", "logger=wandb", "logger.mode=online",
+                             f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: logger=wandb logger.mode=online: no wandb API key")
+    for advice in ("wandb login", "WANDB_API_KEY", "logger.mode=offline"):
+        assert advice in line
+    assert not run_dir.exists()
+
+    from trainer import preflight
+
+    logger = OmegaConf.create({"name": "wandb", "mode": "online"})
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef" * 2 + "01234567")
+    preflight.check_wandb_login(logger)  # a key in the environment is enough
+    monkeypatch.delenv("WANDB_API_KEY")
+    preflight.check_wandb_login(OmegaConf.create({"name": "wandb", "mode": "offline"}))

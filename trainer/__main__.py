@@ -29,6 +29,8 @@ def app(cfg: DictConfig) -> float:
     import logging
 
     logging.getLogger("absl").setLevel(logging.WARNING)
+    # A log line that cannot be written (a full disk) is dropped, not printed with a traceback.
+    logging.raiseExceptions = False
     from trainer.train import train  # TensorFlow starts here, after the config checks
     import tensorflow as tf
     from trainer.data import DataError
@@ -53,7 +55,7 @@ def app(cfg: DictConfig) -> float:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(NON_FINITE_EXIT)
-    except (tf.errors.ResourceExhaustedError, OSError) as e:  # a full disk, out of memory
+    except (tf.errors.OpError, OSError) as e:  # a full disk, out of memory: one line
         message = resource_message(e, run_dir, cfg.trainer.batch_size)
         if message is None:
             raise
