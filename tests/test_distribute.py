@@ -56,7 +56,8 @@ def test_mirrored_sync_bn_matches_single_replica(tmp_path):
     key biases), and Adam turns float rounding noise in them into full-size steps of random sign.
     """
     args = [*COMMON, "optim=sgd", "optim.lr=0.002", "schedule=constant", "trainer.epochs=2",
-            "trainer.steps_per_epoch=1", "trainer.export=false", "model.sync_bn=true"]
+            "trainer.steps_per_epoch=1", "trainer.export=false", "model.sync_bn=true",
+            "trainer.keep_checkpoints=5"]  # ckpt-0, the starting point, is kept
     single = run_trainer([*args, "trainer.strategy=default", f"hydra.run.dir={tmp_path / 'one'}"])
     assert single.returncode == 0, single.stderr[-3000:]
     mirrored = run_trainer([*args, "trainer.strategy=mirrored", "trainer.cpu_replicas=2",
@@ -65,18 +66,20 @@ def test_mirrored_sync_bn_matches_single_replica(tmp_path):
     run = json.loads((tmp_path / "two" / "run.json").read_text())
     assert (run["strategy"], run["replicas"], run["per_replica_batch"]) == ("MirroredStrategy", 2, 8)
     one, two = checkpoint_tensors(tmp_path / "one", 2), checkpoint_tensors(tmp_path / "two", 2)
-    # Trained weights and optimizer state: within 1e-5. BatchNorm moving statistics get 1e-5
-    # relative plus absolute: Keras' synchronized BN computes the cross-replica variance as
-    # E[x^2] - E[x]^2 in float32, single-device BN uses two-pass moments.
-    moving = {k for k in one if "moving_" in k}
-    assert max_diff({k: one[k] for k in one if k not in moving},
-                    {k: two[k] for k in two if k not in moving}) < 1e-5
-    for k in moving:
-        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-5)
-    # The bar can fail: one training step moves the weights by far more than it.
-    assert max_diff(one, checkpoint_tensors(tmp_path / "one", 1)) > 1e-4
-    assert np.allclose(step_losses(single.stdout + single.stderr),
-                       step_losses(mirrored.stdout + mirrored.stderr), atol=1e-5)
+    start = checkpoint_tensors(tmp_path / "one", 0)
+    # Two replicas sum gradients in another order than one, and oneDNN picks kernels by CPU: the
+    # bar is relative to what two SGD steps moved (float32 rounding of a reduction scales with
+    # it), not an absolute number. Measured: 1.1e-4 of the largest update on an AMD EPYC (6.7e-6
+    # absolute; an Intel Xeon gave 1.25e-5, ~2e-4); BatchNorm *not* synchronised gives 1.4.
+    # Moving statistics the same way: Keras' synchronized BN computes the cross-replica variance
+    # as E[x^2] - E[x]^2 in float32, single-device BN uses two-pass moments (2.2e-5 measured).
+    for keys in ([k for k in one if "moving_" not in k], [k for k in one if "moving_" in k]):
+        update = max(float(np.abs(one[k] - start[k]).max()) for k in keys)
+        assert update > 1e-3  # the bar can fail: the steps moved these tensors
+        assert max_diff({k: one[k] for k in keys}, {k: two[k] for k in keys}) < 2e-3 * update
+    # Per-step losses (logged to 8 decimals) agree to float32 rounding of a loss near log(10).
+    np.testing.assert_allclose(step_losses(single.stdout + single.stderr),
+                               step_losses(mirrored.stdout + mirrored.stderr), rtol=1e-5)
 
 
 def free_port() -> int:

@@ -64,14 +64,17 @@ def test_every_signature_matches_keras(run):
         assert out["top_k_indices"].shape == (len(raw), 5)
         names = [n.decode() for n in out["top_k_names"].numpy()[:, 0]]
         assert names == [str(i) for i in expected.argmax(1)]
-    np.testing.assert_allclose(by_uint8["logits"], by_bytes["logits"], atol=1e-6)
-    np.testing.assert_allclose(by_uint8["logits"], by_float["logits"], atol=1e-6)
+    # The signatures share one network: they agree to float32 rounding of the logits' scale.
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(by_uint8["logits"], by_bytes["logits"], atol=1e-5 * scale)
+    np.testing.assert_allclose(by_uint8["logits"], by_float["logits"], atol=1e-5 * scale)
 
     features = export.feature_model(model)(eval_preprocess(tf.constant(raw), 32, cfg.data.crop_pct))
     fe = tf.saved_model.load(str(run_dir / "export" / "feature_extractor"))
     for sig, arg in (("serving_default", tf.constant(raw)),
                      ("serve_bytes", tf.constant([png(i) for i in raw]))):
-        np.testing.assert_allclose(fe.signatures[sig](images=arg)["features"], features, atol=1e-4)
+        np.testing.assert_allclose(fe.signatures[sig](images=arg)["features"], features,
+                                   atol=1e-4 * np.abs(features).max())
 
 
 def test_saved_model_cli_lists_the_signatures(run):
