@@ -22,3 +22,33 @@ def _own_wandb_service(monkeypatch):
     run killed there stays registered in it ("run ID ... is in use" when it resumes).
     """
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
+
+
+# --------------------------------------------------------------------------- the option matrix
+# tests/test_matrix.py writes one JSON file per case into MATRIX_RESULTS (set here, in the
+# controlling process, before pytest-xdist starts its workers, which inherit it); the table of
+# cases and results is printed at the end of the session.
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):
+        import tempfile
+
+        os.environ["MATRIX_RESULTS"] = tempfile.mkdtemp(prefix="matrix-results-")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    import json
+    from pathlib import Path
+
+    if hasattr(config, "workerinput") or not os.environ.get("MATRIX_RESULTS"):
+        return
+    rows = [json.loads(p.read_text())
+            for p in sorted(Path(os.environ["MATRIX_RESULTS"]).glob("*.json"))]
+    if not rows:
+        return
+    terminalreporter.write_sep("-", f"option matrix: {len(rows)} cases")
+    for row in rows:
+        outcome = "ok" if row["rc"] == 0 else f"FAILED rc={row['rc']}"
+        terminalreporter.write_line(f"{row['case']:>8} {outcome:<8} {row['seconds']:>6.1f} s  "
+                                    + " ".join(row["values"]))

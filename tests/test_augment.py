@@ -157,3 +157,50 @@ def test_rand_augment_runs_only_the_chosen_op_with_keras_output():
         ours = _rand_augment(layer, images, _seeded_transformation(layer, images, seed))
         keras_own = layer.transform_images(images, _seeded_transformation(layer, images, seed))
         np.testing.assert_allclose(ours, keras_own, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+def test_augmentation_computes_in_float32_under_a_mixed_model_policy(precision):
+    """The pipeline is not the model: same images and labels as under float32, in float32."""
+    import keras
+
+    cfg = tiny_cfg("aug=strong", "aug.color_jitter=0.4")
+    images, labels = tf.stack([image(i) for i in range(4)]), tf.constant([0, 1, 2, 1])
+    seed = tf.constant([5, 6], tf.int64)
+
+    def run():
+        policy, mix = ImagePolicy(cfg.aug), BatchMix(cfg.aug, 3)
+        one = tf.stack([policy(images[i], seed + i) for i in range(4)])
+        return (one, *mix(one, labels, seed))
+
+    expected = run()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        got = run()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    for e, g in zip(expected, got):
+        assert g.dtype == tf.float32
+        np.testing.assert_array_equal(e.numpy(), g.numpy())
+
+
+def test_erasing_and_cutmix_work_on_sizes_known_only_at_run_time():
+    """Multi-scale batches: the same seed gives the same result as with a static size."""
+    cfg = tiny_cfg("aug=none", "aug.erasing_prob=1.0", "aug.cutmix_alpha=1.0", "aug.mix_prob=1.0")
+    policy, mix = ImagePolicy(cfg.aug), BatchMix(cfg.aug, 3)
+    images, labels = tf.random.stateless_uniform([4, 24, 40, 3], [1, 2]), tf.constant([0, 1, 2, 1])
+    seed = tf.constant([3, 4], tf.int64)
+
+    def erase_and_mix(batch):
+        erased = tf.stack([policy(batch[i], seed + i) for i in range(4)])
+        return (erased, *mix(erased, labels, seed))
+
+    dynamic = tf.function(erase_and_mix, input_signature=[
+        tf.TensorSpec([4, None, None, 3], tf.float32)])(images)
+    static = tf.function(erase_and_mix)(images)
+    for d, s in zip(dynamic, static):
+        np.testing.assert_allclose(d.numpy(), s.numpy(), atol=1e-6)
+    assert np.abs(dynamic[0].numpy() - images.numpy()).max() > 0.1  # something was erased
+    soft = dynamic[2].numpy()
+    np.testing.assert_allclose(soft.sum(1), 1.0, atol=1e-6)
+    assert (soft.max(1) < 1.0).sum() >= 3  # cutmix mixed the labels (of differing classes)

@@ -19,6 +19,7 @@ import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from trainer.atomic import write_json, write_text
+from trainer.models.mobilevit import float32_copy
 from trainer.models.weights import find_backbone
 
 
@@ -105,6 +106,8 @@ def check_reload(path: Path, images: np.ndarray, expected: np.ndarray, key: str,
 # --------------------------------------------------------------------------- run export
 
 TOP_K = 5
+# Relative to the largest logit. A broken export differs at O(1); the mixed entries leave room for
+# the training precision's rounding (its model against its float32 copy).
 RELOAD_TOLERANCE = {"float32": 1e-4, "mixed_float16": 1e-2, "mixed_bfloat16": 3e-2}
 
 
@@ -191,19 +194,29 @@ def export_run(model: keras.Model, class_names: list[str], cfg, run_dir: Path,
     result: dict = {}
 
     def write(out: Path) -> None:  # into a temporary directory, swapped in when complete
-        export_classifier(model, out / "classifier", class_names, size, crop)
-        export_feature_extractor(model, out / "feature_extractor", size, crop)
-        save_keras(model, out / "model.keras")
+        # Every served file computes in float32, whatever precision the model trained in.
+        served = float32_copy(model)
+        export_classifier(served, out / "classifier", class_names, size, crop)
+        export_feature_extractor(served, out / "feature_extractor", size, crop)
+        save_keras(model, out / "model.keras")  # as trained, to fine-tune further
         check = collect_images(val_ds, cfg.export.check_images)
-        expected = model(check, training=False).numpy()
-        # A broken export differs at O(1); the bar only leaves room for the precision's rounding
-        # (graph and eager execution round bfloat16 / float16 differently).
-        tolerance = RELOAD_TOLERANCE[cfg.trainer.precision]
+        expected = served(check, training=False).numpy()
+        if served is not model:
+            # The float32 copy against the model as it trained: a wrong copy differs at O(1), the
+            # bar leaves room for the training precision's rounding only.
+            trained = model(check, training=False).numpy().astype(np.float32)
+            err = float(np.abs(trained - expected).max() / max(np.abs(expected).max(), 1e-12))
+            result["float32_vs_trained_max_rel_diff"] = err
+            bar = RELOAD_TOLERANCE[cfg.trainer.precision]
+            if err > bar:
+                raise RuntimeError(f"the float32 copy of the {cfg.trainer.precision} model differs "
+                                   f"by {err:.3g} (relative) > {bar:g}")
         result["reload_max_rel_diff"] = check_reload(out / "classifier", check, expected,
-                                                     "logits", "serve_float", atol=tolerance)
+                                                     "logits", "serve_float",
+                                                     atol=RELOAD_TOLERANCE["float32"])
         if cfg.export.litert:
             calibration = collect_images(calib_ds, cfg.export.calibration_images)
-            result["litert"] = litert.export_all(model, out / "litert", list(cfg.export.litert),
+            result["litert"] = litert.export_all(served, out / "litert", list(cfg.export.litert),
                                                  size, calibration, check)
             write_json(out / "litert" / "checks.json", result["litert"])
         write_model_card(out / "README.md", cfg, class_names, metrics, result)

@@ -148,11 +148,20 @@ class Loop:
     # ----------------------------------------------------------------- compiled steps
     def train_step(self, iterator):
         if self._train_step is None:  # traced once per trainable set
-            # reduce_retracing: multi-scale batches differ in shape; one relaxed trace serves all.
-            @tf.function(reduce_retracing=True)
-            def step(it):
-                return self._reduce(self.strategy.run(self._replica_train, args=next(it)))
-            self._train_step = step
+            if self.jit_compile:
+                # XLA compiles static shapes only: the batch comes in as an argument, so each
+                # planned batch shape (multi-scale) gets its own trace and compiled step.
+                @tf.function
+                def step(batch):
+                    return self._reduce(self.strategy.run(self._replica_train, args=batch))
+                self._train_step = lambda it: step(next(it))
+            else:
+                # reduce_retracing: multi-scale batches differ in shape; one relaxed trace
+                # serves all, and the batch is fetched inside the graph.
+                @tf.function(reduce_retracing=True)
+                def step(it):
+                    return self._reduce(self.strategy.run(self._replica_train, args=next(it)))
+                self._train_step = step
         return self._train_step(iterator)
 
     def eval_step(self, batch):

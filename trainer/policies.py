@@ -13,7 +13,34 @@ import keras
 import tensorflow as tf
 from keras.src.random.seed_generator import SeedGenerator
 
+# The input pipeline is not the model: its layers compute in float32 whatever the model's
+# precision (under mixed_float16 Keras' image ops would build float16 `Range`s, which TensorFlow
+# has no kernel for). RandAugment makes its sub-layers itself, hence a policy scope.
+from trainer.models.mobilevit import float32_policy as float32_layers
+
 VALUE_RANGE = (0.0, 1.0)  # images here are float32 RGB in [0, 1]
+
+
+class _RunTimeSizes:
+    """For Keras' RandomErasing and CutMix on images whose size is known only when the step runs
+    (multi-scale batches): Keras multiplies float ratios by the image height and width, int32
+    tensors there. Casting them to the layer's float dtype first is the whole change."""
+
+    def _compute_crop_bounds(self, batch_size, image_length, crop_ratio, seed):
+        length = self.backend.cast(image_length, self.compute_dtype)
+        return super()._compute_crop_bounds(batch_size, length, crop_ratio, seed)
+
+
+class RandomErasing(_RunTimeSizes, keras.layers.RandomErasing):
+    pass
+
+
+class CutMix(_RunTimeSizes, keras.layers.CutMix):
+    def _generate_batch_mask(self, images_shape, box_corners):
+        shape = list(images_shape)  # height and width as floats: the mix weight divides by them
+        for axis in (self.height_axis, self.width_axis):
+            shape[axis] = self.backend.cast(shape[axis], self.compute_dtype)
+        return super()._generate_batch_mask(shape, box_corners)
 
 
 class StatelessSeed(SeedGenerator):
@@ -66,20 +93,25 @@ class ImagePolicy:
     """Per-image colour jitter, RandAugment and random erasing, as configured (any may be off)."""
 
     def __init__(self, aug_cfg):
-        cj = aug_cfg.color_jitter
-        self.layers = []
+        with float32_layers():
+            self.layers = self._make(aug_cfg)
+
+    @staticmethod
+    def _make(aug_cfg) -> list[keras.layers.Layer]:
+        cj, layers = aug_cfg.color_jitter, []
         if cj > 0:
             # Saturation x m with m in [1 - cj, 1 + cj]: Keras' factor f maps to m = f / (1 - f).
-            self.layers.append(keras.layers.RandomColorJitter(
+            layers.append(keras.layers.RandomColorJitter(
                 value_range=VALUE_RANGE, brightness_factor=cj / 2, contrast_factor=cj,
                 saturation_factor=((1 - cj) / (2 - cj), (1 + cj) / (2 + cj))))
         if aug_cfg.randaugment_ops:
-            self.layers.append(keras.layers.RandAugment(
+            layers.append(keras.layers.RandAugment(
                 value_range=VALUE_RANGE, num_ops=aug_cfg.randaugment_ops,
                 factor=aug_cfg.randaugment_magnitude / 10.0))  # timm's M is on a 0..10 scale
         if aug_cfg.erasing_prob > 0:
             p = aug_cfg.erasing_prob
-            self.layers.append(keras.layers.RandomErasing(factor=(p, p), value_range=VALUE_RANGE))
+            layers.append(RandomErasing(factor=(p, p), value_range=VALUE_RANGE))
+        return layers
 
     def __call__(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         """image [H, W, 3] float32 in [0, 1] -> same shape, dtype and range."""
@@ -96,10 +128,11 @@ class BatchMix:
 
     def __init__(self, aug_cfg, num_classes: int):
         self.num_classes = num_classes
-        self.mixup = (keras.layers.MixUp(alpha=aug_cfg.mixup_alpha)
-                      if aug_cfg.mixup_alpha > 0 else None)
-        self.cutmix = (keras.layers.CutMix(factor=(aug_cfg.cutmix_alpha,) * 2)
-                       if aug_cfg.cutmix_alpha > 0 else None)
+        with float32_layers():
+            self.mixup = (keras.layers.MixUp(alpha=aug_cfg.mixup_alpha)
+                          if aug_cfg.mixup_alpha > 0 else None)
+            self.cutmix = (CutMix(factor=(aug_cfg.cutmix_alpha,) * 2)
+                           if aug_cfg.cutmix_alpha > 0 else None)
         self.mix_prob, self.switch_prob = aug_cfg.mix_prob, aug_cfg.switch_prob
 
     @property

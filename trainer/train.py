@@ -64,7 +64,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                           f"{replicas} replicas of {strategy_name(strategy)}")
     chief = is_chief(strategy)
     keras.mixed_precision.set_global_policy(cfg.trainer.precision)
-    jit_compile = use_xla(cfg.trainer.jit_compile, cfg.trainer.precision)
+    jit_compile = use_xla(cfg.trainer.jit_compile)
     # Non-chief workers must still write their checkpoint copies: to a scratch directory.
     work_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="mobilevit-worker-"))
     keras.utils.set_random_seed(cfg.seed)  # Python, NumPy and TensorFlow
@@ -233,6 +233,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 result = export.export_run(model, dataset.class_names, cfg, run_dir, eval_ds["val"],
                                            calib_ds, metrics)
                 metrics["export_max_rel_diff"] = result["reload_max_rel_diff"]
+                if "float32_vs_trained_max_rel_diff" in result:  # trained in mixed precision
+                    metrics["export_float32_vs_trained"] = result["float32_vs_trained_max_rel_diff"]
                 log.info("exported %s (reload check: max relative difference %.2g)",
                          run_dir / "export", result["reload_max_rel_diff"])
             loggers.log_final(metrics)

@@ -13,6 +13,8 @@ The architecture is the table `ARCHS`; `MobileViTBackbone.from_preset(name)` bui
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Any
 
@@ -121,11 +123,14 @@ def _resize_if_needed(x, h, w, new_h, new_w):
     TensorFlow ops directly: keras.ops.image.resize wants a static size, and the backbone takes
     images of any size.
     """
+    # tf.image.resize returns float32 for any input: back to x's dtype (bfloat16 / float16 under
+    # mixed precision), or the two branches of the cond below disagree.
     if all(isinstance(v, int) for v in (h, w, new_h, new_w)):  # static shapes: decide in Python
-        return x if (h, w) == (new_h, new_w) else tf.image.resize(x, (new_h, new_w), "bilinear")
+        return x if (h, w) == (new_h, new_w) else tf.cast(
+            tf.image.resize(x, (new_h, new_w), "bilinear"), x.dtype)
     return tf.cond(
         tf.logical_or(tf.not_equal(h, new_h), tf.not_equal(w, new_w)),
-        lambda: tf.image.resize(x, tf.stack([new_h, new_w]), "bilinear"),
+        lambda: tf.cast(tf.image.resize(x, tf.stack([new_h, new_w]), "bilinear"), x.dtype),
         lambda: x,
     )
 
@@ -351,6 +356,35 @@ def build_classifier(backbone: keras.Model, num_classes: int, dropout: float = 0
     x = layers.Dropout(dropout, name="head_dropout")(x)
     logits = layers.Dense(num_classes, name="head", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)
+
+
+@contextlib.contextmanager
+def float32_policy():
+    """Layers made inside compute in float32, whatever the global (mixed) precision policy."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def float32_copy(model: keras.Model) -> keras.Model:
+    """`model` computing in float32 with the same weights: what exports serve, whatever precision
+    it trained in (a float16 graph does not convert to LiteRT; callers expect float32)."""
+    if all(layer.compute_dtype == "float32" for layer in model._flatten_layers()):
+        return model
+
+    def in_float32(layer: keras.layers.Layer) -> keras.layers.Layer:
+        config = layer.get_config()
+        if "dtype" in config:
+            config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    with float32_policy():  # the backbone's own layers take the global policy
+        copy = keras.models.clone_model(model, clone_function=in_float32)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def count_params(model: keras.Model) -> int:

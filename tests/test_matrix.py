@@ -1,0 +1,119 @@
+"""Every option with every other: a pairwise matrix of short runs that train, export, and check.
+
+`OPTIONS` is the matrix: one line per option a user combines, each value the overrides it
+stands for. A new option joins by adding a line. `allpairspy` generates cases so that every
+pair of values (of two different options) appears in at least one case, and every case must
+train, export and pass its agreement checks: no pair is refused (mixed precision + XLA + multi-
+scale included; the GPU settings run here on the CPU, slowly). Each case's result is printed in
+the session summary (`tests/conftest.py`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from allpairspy import AllPairs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+OPTIONS: dict[str, list[str]] = {
+    "model": ["model=mobilevit_xxs", "model=mobilevit_xs"],
+    "aug": ["aug=none", "aug=basic", "aug=randaugment", "aug=strong"],
+    "multiscale": ["aug.multiscale_sizes=[]", "aug.multiscale_sizes=[24,32,40]"],
+    "precision": ["trainer.precision=float32", "trainer.precision=mixed_float16",
+                  "trainer.precision=mixed_bfloat16"],
+    "xla": ["trainer.jit_compile=false", "trainer.jit_compile=true"],
+    "replicas": ["trainer.cpu_replicas=0", "trainer.cpu_replicas=2"],
+    "stages": ["finetune=full", "finetune=head_then_all finetune.stages.0.epochs=1"],
+    "optimizer": ["optim=adamw", "optim=sgd", "optim=lamb", "optim=lion"],
+    "ema": ["optim.ema_decay=0.0", "optim.ema_decay=0.9"],
+    "layer_decay": ["optim.layer_decay=1.0", "optim.layer_decay=0.75"],
+    "drop_path": ["model.drop_path_rate=0.0", "model.drop_path_rate=0.1"],
+    "determinism": ["trainer.deterministic=false", "trainer.deterministic=true"],
+    "litert": ["export.litert=[]", "export.litert=[float32,dynamic_int8]",
+               "export.litert=[float16,int8]"],
+    "data": ["data=digits", "data=folder data.path={folder}", "data=flowers data.mock_examples=24"],
+}
+# Small and quick: 2 epochs (a stage boundary for head_then_all) of 2 steps at 32x32.
+SMALL = ["model.pretrained=none", "data.image_size=32", "trainer.epochs=2",
+         "trainer.steps_per_epoch=2", "trainer.batch_size=8", "trainer.eval_steps=1",
+         "logger.tensorboard=false", "export.check_images=8", "export.calibration_images=8",
+         "data.shuffle_buffer=16"]
+
+
+def cases() -> list[list[str]]:
+    """One value per option in each case; every pair of values in at least one."""
+    return [list(row) for row in AllPairs(list(OPTIONS.values()))]
+
+
+CASES = cases()
+
+
+def case_id(row: list[str]) -> str:
+    """Short: the non-first value of each option (the first is the default-like one)."""
+    parts = [f"{name}={OPTIONS[name].index(value)}" for name, value in zip(OPTIONS, row)
+             if OPTIONS[name].index(value)]
+    return ",".join(parts) or "defaults"
+
+
+def test_every_pair_of_option_values_is_covered():
+    covered = {frozenset(p) for row in CASES for p in itertools.combinations(row, 2)}
+    wanted = {frozenset((a, b)) for (_, v1), (_, v2) in
+              itertools.combinations(OPTIONS.items(), 2) for a in v1 for b in v2}
+    assert len(wanted) == sum(len(a) * len(b) for a, b in
+                              itertools.combinations(OPTIONS.values(), 2))
+    assert not wanted - covered
+    assert all(len(row) == len(OPTIONS) for row in CASES)
+    print(f"matrix: {len(OPTIONS)} options, {len(CASES)} cases, {len(wanted)} pairs covered")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    from helpers import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("matrix-folder"), per_class=8)
+
+
+def record(name: str, row: dict) -> None:
+    """For the session summary's matrix table (tests/conftest.py), whichever worker ran it."""
+    out = os.environ.get("MATRIX_RESULTS")
+    if out:
+        (Path(out) / f"{name}.json").write_text(json.dumps(row))
+
+
+def trainer(args: list[str], run_dir: Path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "trainer", *args, f"hydra.run.dir={run_dir}"],
+                            cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    return result, round(time.monotonic() - start, 1)
+
+
+@pytest.mark.parametrize("row", CASES, ids=[f"c{i:02d}:{case_id(r)}" for i, r in enumerate(CASES)])
+def test_case_trains_and_exports(row, folder, tmp_path):
+    overrides = [o.format(folder=folder) for value in row for o in value.split()]
+    run_dir = tmp_path / "run"
+    result, seconds = trainer([*SMALL, *overrides], run_dir)
+    name = f"c{CASES.index(row):02d}"
+    record(name, {"case": name, "values": row, "rc": result.returncode,
+                            "seconds": seconds})
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["export_max_rel_diff"] < 1e-4  # the float32 export against its model
+    litert = [v for o in overrides if o.startswith("export.litert=")
+              for v in o.split("=", 1)[1].strip("[]").split(",") if v]
+    if litert:
+        checks = json.loads((run_dir / "export" / "litert" / "checks.json").read_text())
+        assert set(checks) == set(litert)
+        for variant in litert:
+            assert checks[variant]["top1_agreement"] >= 0.875, checks[variant]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["replicas"] == (2 if "trainer.cpu_replicas=2" in row else 1)
+    assert run["precision"] == dict(zip(OPTIONS, row))["precision"].split("=")[1]
