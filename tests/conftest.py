@@ -49,6 +49,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     terminalreporter.write_sep("-", f"option matrix: {len(rows)} cases")
     for row in rows:
-        outcome = "ok" if row["rc"] == 0 else f"FAILED rc={row['rc']}"
+        outcome = "ok" if row["rc"] == 0 else ("refused" if row["case"] == "refused" and
+                                               row["rc"] == 2 else f"FAILED rc={row['rc']}")
         terminalreporter.write_line(f"{row['case']:>8} {outcome:<8} {row['seconds']:>6.1f} s  "
                                     + " ".join(row["values"]))

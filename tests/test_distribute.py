@@ -167,9 +167,10 @@ def test_two_workers_killed_and_restarted(tmp_path):
 def test_gpu_settings_run_on_cpu_mixed_precision_xla_default_aug_export_float32(precision,
                                                                                tmp_path):
     """What a GPU user runs first: mixed precision + XLA + the default augmentation, end to end
-    (the command line, export and LiteRT included), slowly but correctly on this CPU."""
+    (the command line, export and LiteRT included), slowly but correctly on this CPU. At 64 px:
+    smaller sizes are refused on a CPU (tests/test_matrix.py, REFUSED)."""
     run_dir = tmp_path / precision
-    result = run_trainer([*COMMON, "aug=basic", f"trainer.precision={precision}",
+    result = run_trainer([*COMMON, "data.image_size=64", "aug=basic", f"trainer.precision={precision}",
                           "trainer.jit_compile=true", "trainer.epochs=2",
                           "export.litert=[float32]", "export.check_images=8",
                           f"hydra.run.dir={run_dir}"])
@@ -185,7 +186,7 @@ def test_gpu_settings_run_on_cpu_mixed_precision_xla_default_aug_export_float32(
     loaded = tf.saved_model.load(str(run_dir / "export" / "classifier"))
     sig = loaded.signatures["serve_float"]
     assert sig.structured_input_signature[1]["images"].dtype == tf.float32
-    out = sig(images=tf.random.uniform([2, 32, 32, 3]))
+    out = sig(images=tf.random.uniform([2, 64, 64, 3]))
     assert out["logits"].dtype == tf.float32 and out["probabilities"].dtype == tf.float32
     litert = json.loads((run_dir / "export" / "litert" / "checks.json").read_text())
     assert litert["float32"]["max_abs_prob_diff"] <= 1e-4 and litert["float32"]["passed"]

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-from pathlib import Path
 
 import tensorflow as tf
+
+from trainer.preflight import nvidia_gpu_present
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,6 @@ def split_cpu(replicas: int) -> None:
 
 
 GPU_INSTALL = "pip install -e '.[gpu]'  (TensorFlow with its CUDA libraries)"
-
-
-def nvidia_gpu_present(device: str = "/dev/nvidia0") -> bool:
-    """Whether the machine has an NVIDIA GPU, as its driver shows it (device node, nvidia-smi)."""
-    return Path(device).exists() or shutil.which("nvidia-smi") is not None
 
 
 def report_devices() -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import threading
 import urllib.error
 import urllib.request
@@ -149,6 +150,15 @@ def check_downloads(configs: list[tuple]) -> None:
             failures.append(f"cannot download {need.what}: {url} ({reason}); {need.advice}")
     if failures:
         raise PreflightError(" | ".join(failures))
+
+
+# --------------------------------------------------------------------------- this machine
+
+
+def nvidia_gpu_present(device: str = "/dev/nvidia0") -> bool:
+    """Whether the machine has an NVIDIA GPU, as its driver shows it (device node, nvidia-smi);
+    known without TensorFlow, which may not see it (a CPU-only build, missing CUDA libraries)."""
+    return Path(device).exists() or shutil.which("nvidia-smi") is not None
 
 
 # --------------------------------------------------------------------------- credentials
