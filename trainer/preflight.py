@@ -111,6 +111,7 @@ def needs(data_cfg, model_cfg) -> list[Need]:
 def probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """None if `url`'s server answers (any HTTP status), else why not. Honours *_proxy."""
     result: list[str | None] = []
+    silent = f"no answer within {timeout:g} s"
 
     def ask() -> None:
         try:
@@ -119,13 +120,15 @@ def probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
         except urllib.error.HTTPError:  # an answer, even 403/404: the network is there
             result.append(None)
         except (urllib.error.URLError, OSError) as e:
-            result.append(str(getattr(e, "reason", e)) or type(e).__name__)
+            reason = getattr(e, "reason", e)
+            result.append(silent if isinstance(reason, TimeoutError)  # urlopen's own timeout
+                          else str(reason) or type(e).__name__)
 
     # A thread bounds name resolution too, which urlopen's timeout does not cover.
     thread = threading.Thread(target=ask, daemon=True)
     thread.start()
     thread.join(timeout + 0.5)
-    return result[0] if result else f"no answer within {timeout:g} s"
+    return result[0] if result else silent
 
 
 def check_downloads(configs: list[tuple]) -> None:
