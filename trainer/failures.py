@@ -2,13 +2,12 @@
 
 Exit statuses: 2 a config, data or download problem (nothing started), 3 a non-finite loss,
 4 a full disk or out of memory, 130 Ctrl-C and 143 SIGTERM (128 + the signal, as shells and
-schedulers expect; the same command resumes).
+schedulers expect; `loop.Preempted`; the same command resumes).
 
-A full disk and an accelerator out of memory:
-
-TensorFlow reports both as `ResourceExhaustedError` (a full disk met by Python is an `OSError`
-with ENOSPC); the user needs to know which one, where, and how to go on. Nothing is lost either
-way: checkpoints are written atomically, so the last complete one is intact.
+A full disk and an accelerator out of memory both reach us as TensorFlow's
+`ResourceExhaustedError` (a full disk met by Python is an `OSError` with ENOSPC); the user needs
+to know which one, where, and how to go on. Nothing is lost either way: checkpoints are written
+atomically, so the last complete one is intact.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from pathlib import Path
 NON_FINITE_EXIT = 3
 RESOURCE_EXIT = 4
 INTERRUPTED_EXIT = 128 + signal.SIGINT
-PREEMPTED_EXIT = 128 + signal.SIGTERM
 
 
 def _last_checkpoint(run_dir: Path) -> str:

@@ -37,7 +37,8 @@ class Preempted(RuntimeError):
     def __init__(self, signum: int, step: int, checkpoint: str | None):
         self.exit_code = 128 + signum  # what shells and schedulers expect: 143, 130
         if signum == signal.SIGINT:
-            text = f"interrupted at step {step}; run the same command to resume (checkpoint {checkpoint})"
+            text = (f"interrupted at step {step}; run the same command to resume "
+                    f"(checkpoint {checkpoint})")
         else:
             text = f"stopped by SIGTERM at step {step}; checkpoint {checkpoint}"
         super().__init__(text)

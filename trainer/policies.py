@@ -13,10 +13,7 @@ import keras
 import tensorflow as tf
 from keras.src.random.seed_generator import SeedGenerator
 
-# The input pipeline is not the model: its layers compute in float32 whatever the model's
-# precision (under mixed_float16 Keras' image ops would build float16 `Range`s, which TensorFlow
-# has no kernel for). RandAugment makes its sub-layers itself, hence a policy scope.
-from trainer.models.mobilevit import float32_policy as float32_layers
+from trainer.models.mobilevit import float32_policy
 
 VALUE_RANGE = (0.0, 1.0)  # images here are float32 RGB in [0, 1]
 
@@ -93,7 +90,10 @@ class ImagePolicy:
     """Per-image colour jitter, RandAugment and random erasing, as configured (any may be off)."""
 
     def __init__(self, aug_cfg):
-        with float32_layers():
+        # The input pipeline is not the model: its layers compute in float32 whatever the model's
+        # precision (under mixed_float16 Keras' image ops would build float16 `Range`s, which
+        # TensorFlow has no kernel for). RandAugment makes its sub-layers itself: a policy scope.
+        with float32_policy():
             self.layers = self._make(aug_cfg)
 
     @staticmethod
@@ -128,7 +128,7 @@ class BatchMix:
 
     def __init__(self, aug_cfg, num_classes: int):
         self.num_classes = num_classes
-        with float32_layers():
+        with float32_policy():  # as ImagePolicy's
             self.mixup = (keras.layers.MixUp(alpha=aug_cfg.mixup_alpha)
                           if aug_cfg.mixup_alpha > 0 else None)
             self.cutmix = (CutMix(factor=(aug_cfg.cutmix_alpha,) * 2)
