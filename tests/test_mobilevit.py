@@ -199,3 +199,31 @@ def test_convert_cli_savedmodels_match(name, fmt, tmp_path, tmp_path_factory):
     assert rel_err(expected, logits) < TOL
     np.testing.assert_array_equal(logits.argmax(1), expected.argmax(1))
     assert rel_err(R.reference_features(ref, images, fmt), np.load(tmp_path / "feats.npy")) < TOL
+
+
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+def test_float32_copy_of_a_mixed_model_is_that_model_built_in_float32(precision):
+    """What exports serve: the trained weights, every layer computing in float32."""
+    keras.utils.set_random_seed(3)
+    reference = M.build_classifier(M.MobileViTBackbone.from_preset("mobilevit_xxs",
+                                                                   drop_path_rate=0.1), 4, 0.2)
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        mixed = M.build_classifier(M.MobileViTBackbone.from_preset("mobilevit_xxs",
+                                                                   drop_path_rate=0.1), 4, 0.2)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    mixed.set_weights(reference.get_weights())
+    copy = M.float32_copy(mixed)
+    assert copy is not mixed and M.float32_copy(reference) is reference
+    assert {layer.compute_dtype for layer in copy._flatten_layers()} == {"float32"}
+    assert any(layer.compute_dtype != "float32" for layer in mixed._flatten_layers())
+    assert all(np.array_equal(a, b) for a, b in zip(copy.get_weights(), reference.get_weights()))
+    images = R.test_images(2, 64, seed=4)
+    expected = reference(images, training=False).numpy()
+    got = copy(images, training=False).numpy()
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())
+    # ...whereas the 16-bit model itself is off by its rounding (the bar above can fail).
+    off = np.abs(mixed(images, training=False).numpy().astype(np.float32) - expected).max()
+    assert off > 1e-5 * np.abs(expected).max()

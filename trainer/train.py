@@ -233,8 +233,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 result = export.export_run(model, dataset.class_names, cfg, run_dir, eval_ds["val"],
                                            calib_ds, metrics)
                 metrics["export_max_rel_diff"] = result["reload_max_rel_diff"]
-                if "float32_vs_trained_max_rel_diff" in result:  # trained in mixed precision
-                    metrics["export_float32_vs_trained"] = result["float32_vs_trained_max_rel_diff"]
+                if "float32_vs_trained" in result:  # trained in mixed precision
+                    metrics["export_float32_vs_trained"] = result["float32_vs_trained"]
                 log.info("exported %s (reload check: max relative difference %.2g)",
                          run_dir / "export", result["reload_max_rel_diff"])
             loggers.log_final(metrics)
