@@ -24,8 +24,11 @@ from allpairspy import AllPairs
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Each case costs about a minute on 2 cores (tracing the step, exporting), so values are chosen
+# where code paths differ: one model family for now (MobileViT v2 joins here as a line), one
+# LiteRT variant per value (float32 / dynamic-range LiteRT from a mixed-precision model are in
+# tests/test_distribute.py, every variant from a float32 model in tests/test_export.py).
 OPTIONS: dict[str, list[str]] = {
-    "model": ["model=mobilevit_xxs", "model=mobilevit_xs"],
     "aug": ["aug=none", "aug=basic", "aug=randaugment", "aug=strong"],
     "multiscale": ["aug.multiscale_sizes=[]", "aug.multiscale_sizes=[24,32,40]"],
     "precision": ["trainer.precision=float32", "trainer.precision=mixed_float16",
@@ -38,8 +41,7 @@ OPTIONS: dict[str, list[str]] = {
     "layer_decay": ["optim.layer_decay=1.0", "optim.layer_decay=0.75"],
     "drop_path": ["model.drop_path_rate=0.0", "model.drop_path_rate=0.1"],
     "determinism": ["trainer.deterministic=false", "trainer.deterministic=true"],
-    "litert": ["export.litert=[]", "export.litert=[float32,dynamic_int8]",
-               "export.litert=[float16,int8]"],
+    "litert": ["export.litert=[]", "export.litert=[float16]", "export.litert=[int8]"],
     "data": ["data=digits", "data=folder data.path={folder}", "data=flowers data.mock_examples=24"],
 }
 # Pairs that cannot work here, with what the refusal must name. XLA's CPU compiler rejects the
@@ -59,6 +61,9 @@ SMALL = ["model.pretrained=none", "data.image_size=32", "trainer.epochs=2",
          "data.shuffle_buffer=16"]
 
 
+LITERT_BAR = {"float32": 1e-4, "float16": 1e-2, "dynamic_int8": 0.05, "int8": 0.05}
+
+
 def _refused(row: list[str]) -> bool:
     return any(a in row and b in row for a, b in REFUSED)
 
@@ -74,13 +79,27 @@ def all_pairs() -> set[frozenset]:
 
 def cases() -> list[list[str]]:
     """One value per option in each case; every allowed pair of values in at least one."""
-    rows = [list(row) for row in AllPairs(list(OPTIONS.values()),
-                                          filter_func=lambda row: not _refused(row))]
-    # allpairspy's filter can leave a pair out: each one left gets a case of first values.
+    # Largest value sets first: allpairspy then finds the minimum, 4 x 4 = 16 cases.
+    order = sorted(OPTIONS, key=lambda name: -len(OPTIONS[name]))
+    generated = AllPairs([OPTIONS[name] for name in order],
+                         filter_func=lambda row: not _refused(row))
+    rows = [[dict(zip(order, row))[name] for name in OPTIONS] for row in generated]
+    # allpairspy's filter can leave pairs out: they are packed into as few more cases as fit
+    # (a case takes a pair where neither option is set yet), the rest at first values.
+    option_of = {value: name for name, values in OPTIONS.items() for value in values}
     covered = set().union(*map(_pairs, rows))
+    extra: list[dict[str, str]] = []
     for pair in sorted(all_pairs() - covered - {frozenset(p) for p in REFUSED}, key=sorted):
-        row = [next((v for v in pair if v in values), values[0]) for values in OPTIONS.values()]
-        rows.append(row)
+        wanted = {option_of[v]: v for v in pair}
+        for case in extra:
+            merged = {**case, **wanted}
+            if all(case.get(k, v) == v for k, v in wanted.items()) and not _refused(
+                    list(merged.values())):
+                case.update(wanted)
+                break
+        else:
+            extra.append(dict(wanted))
+    rows += [[case.get(name, values[0]) for name, values in OPTIONS.items()] for case in extra]
     return rows
 
 
@@ -145,8 +164,10 @@ def test_case_trains_and_exports(row, folder, tmp_path):
     if litert:
         checks = json.loads((run_dir / "export" / "litert" / "checks.json").read_text())
         assert set(checks) == set(litert)
+        # Against the float32 model, in probabilities: after 4 steps the outputs are near uniform,
+        # so top-1 agreement says nothing here (it does for trained models: tests/test_export.py).
         for variant in litert:
-            assert checks[variant]["top1_agreement"] >= 0.875, checks[variant]
+            assert checks[variant]["max_abs_prob_diff"] <= LITERT_BAR[variant], checks[variant]
     run = json.loads((run_dir / "run.json").read_text())
     assert run["replicas"] == (2 if "trainer.cpu_replicas=2" in row else 1)
     assert run["precision"] == dict(zip(OPTIONS, row))["precision"].split("=")[1]
