@@ -204,3 +204,15 @@ def test_erasing_and_cutmix_work_on_sizes_known_only_at_run_time():
     soft = dynamic[2].numpy()
     np.testing.assert_allclose(soft.sum(1), 1.0, atol=1e-6)
     assert (soft.max(1) < 1.0).sum() >= 3  # cutmix mixed the labels (of differing classes)
+
+
+def test_eval_resize_takes_a_per_batch_size_tensor():
+    """aug=none with multi-scale: the size comes as an int64 tensor chosen per batch."""
+    raw = tf.cast(tf.random.stateless_uniform([40, 56, 3], [1, 1]) * 255, tf.uint8)
+    expected = augment.eval_preprocess(raw, 24, 0.9).numpy()
+    eager = augment.eval_preprocess(raw, tf.constant(24, tf.int64), 0.9).numpy()
+    graph = tf.function(lambda image, size: augment.eval_preprocess(image, size, 0.9))(
+        raw, tf.constant(24, tf.int64)).numpy()
+    assert eager.shape == (24, 24, 3)
+    np.testing.assert_array_equal(eager, expected)
+    np.testing.assert_allclose(graph, expected, atol=1e-5)  # as eager vs tf.data above

@@ -79,14 +79,18 @@ def all_pairs() -> set[frozenset]:
 
 def cases() -> list[list[str]]:
     """One value per option in each case; every allowed pair of values in at least one."""
-    # Largest value sets first: allpairspy then finds the minimum, 4 x 4 = 16 cases.
+    # Largest value sets first: allpairspy then comes close to the minimum (4 x 4 = 16).
     order = sorted(OPTIONS, key=lambda name: -len(OPTIONS[name]))
-    generated = AllPairs([OPTIONS[name] for name in order],
-                         filter_func=lambda row: not _refused(row))
-    rows = [[dict(zip(order, row))[name] for name in OPTIONS] for row in generated]
-    # allpairspy's filter can leave pairs out: they are packed into as few more cases as fit
-    # (a case takes a pair where neither option is set yet), the rest at first values.
     option_of = {value: name for name, values in OPTIONS.items() for value in values}
+    rows = []
+    for generated in AllPairs([OPTIONS[name] for name in order]):
+        row = dict(zip(order, generated))
+        for a, b in REFUSED:  # a refused pair: the second value goes back to its first value
+            if row[option_of[a]] == a and row[option_of[b]] == b:
+                row[option_of[b]] = OPTIONS[option_of[b]][0]
+        rows.append([row[name] for name in OPTIONS])
+    # Pairs lost that way are packed into as few more cases as fit (a case takes a pair where
+    # neither option is set yet), the rest at first values.
     covered = set().union(*map(_pairs, rows))
     extra: list[dict[str, str]] = []
     for pair in sorted(all_pairs() - covered - {frozenset(p) for p in REFUSED}, key=sorted):

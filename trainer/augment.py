@@ -25,6 +25,8 @@ def eval_preprocess(image: tf.Tensor, size: int, crop_pct: float) -> tf.Tensor:
     in [0, 1] out.
     """
     image = to_float(image) if image.dtype == tf.uint8 else tf.cast(image, tf.float32)
+    if isinstance(size, tf.Tensor):  # multi-scale batches choose it per batch (an int64 tensor)
+        size = tf.cast(size, tf.int32)
     shape = tf.shape(image)
     h, w = tf.cast(shape[-3], tf.float32), tf.cast(shape[-2], tf.float32)
     short = tf.math.ceil(tf.cast(size, tf.float32) / crop_pct)
