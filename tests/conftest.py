@@ -53,3 +53,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                                row["rc"] == 2 else f"FAILED rc={row['rc']}")
         terminalreporter.write_line(f"{row['case']:>8} {outcome:<8} {row['seconds']:>6.1f} s  "
                                     + " ".join(row["values"]))
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput") and os.environ.get("MATRIX_RESULTS"):
+        import shutil
+
+        shutil.rmtree(os.environ.pop("MATRIX_RESULTS"), ignore_errors=True)
