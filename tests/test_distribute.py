@@ -182,7 +182,8 @@ def test_gpu_settings_run_on_cpu_mixed_precision_xla_default_aug_export_float32(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["export_max_rel_diff"] < 1e-4  # the float32 export against its float32 copy
     agreement = metrics["export_float32_vs_trained"]  # that copy against the 16-bit model
-    assert 0 <= agreement["max_abs_prob_diff"] < 0.1 and 0 <= agreement["top1_agreement"] <= 1
+    assert set(agreement) == {"max_abs_prob_diff", "top1_agreement"}  # recorded, not a bar
+    assert agreement["max_abs_prob_diff"] < 0.1
     # The export serves float32 from a model that computed in 16 bits.
     loaded = tf.saved_model.load(str(run_dir / "export" / "classifier"))
     sig = loaded.signatures["serve_float"]

@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from trainer.preflight import nvidia_gpu_present
+
 MODELS = ("mobilevit_xxs", "mobilevit_xs", "mobilevit_s")
 SOURCES = ("tfds", "folder", "digits")
 AUGS = ("none", "basic", "randaugment", "strong")
@@ -365,8 +367,6 @@ def _check_xla_on_cpu(cfg) -> None:
     MobileViT resizes a feature map of odd size (an input size not a multiple of 64). XLA's CPU
     compiler rejects the 16-bit gradient of that resize ("mixed precision is disallowed");
     measured: 32 and 48 px fail, 64 px trains, in float16 and bfloat16 alike."""
-    from trainer.preflight import nvidia_gpu_present
-
     t = cfg.trainer
     if (str(t.jit_compile).lower() != "true" or t.precision == "float32"
             or t.strategy == "tpu" or nvidia_gpu_present()):

@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
@@ -384,6 +385,11 @@ def float32_copy(model: keras.Model) -> keras.Model:
     with float32_policy():  # the backbone's own layers take the global policy
         copy = keras.models.clone_model(model, clone_function=in_float32)
     copy.set_weights(model.get_weights())
+    # By name, not position: a clone that ordered its layers differently would fail here.
+    source = {w.path: w for w in model.weights}
+    if [w.path for w in copy.weights] != list(source) or not all(
+            np.array_equal(w.numpy(), source[w.path].numpy()) for w in copy.weights):
+        raise RuntimeError(f"the float32 copy of {model.name} does not hold its weights by name")
     return copy
 
 
