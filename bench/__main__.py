@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import (infer_speed, macs, memory, pipeline_speed, profile_infer, report,
-                   train_speed)
+from bench import infer_speed, macs, memory, pipeline_speed, profile_infer, report, train_speed
 
 
 def main() -> None:

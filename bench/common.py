@@ -20,16 +20,10 @@ MODELS = ("mobilevit_xxs", "mobilevit_xs", "mobilevit_s")
 
 
 def import_timm():
-    """timm, through the tests' stand-in for torchvision (see tests/reference.py: PyPI's
-    torchvision does not import beside the CPU torch build these machines install)."""
-    import sys
+    """timm, with a stand-in for torchvision (bench/timm_import.py says why)."""
+    from bench.timm_import import import_timm
 
-    tests = str(Path(__file__).resolve().parent.parent / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    from reference import _import_timm
-
-    return _import_timm()
+    return import_timm()
 
 
 def set_threads(threads: int) -> None:

@@ -27,8 +27,9 @@ def exported(model_name: str, size: int, out_dir: Path, litert_variants: tuple[s
     """Build our classifier (random weights), export it as the trainer does; return callables."""
     import tensorflow as tf
 
-    from trainer import export, litert
     from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+    from trainer.serving import litert
+    from trainer.serving import savedmodel as export
 
     model = build_classifier(MobileViTBackbone.from_preset(model_name), CLASSES)
     path = export.export_classifier(model, out_dir / "classifier",

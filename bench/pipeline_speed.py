@@ -42,9 +42,10 @@ def make_jpegs(root: Path, count: int, classes: int = 4) -> Path:
 def pipeline_rate(folder: Path, aug: str, size: int, batch: int, batches: int) -> float:
     from hydra import compose, initialize_config_dir
 
-    from trainer import augment, data
-    from trainer.config import register
-    from trainer.precheck import CONF_DIR, searchpath_override
+    from trainer.config.compose import CONF_DIR, searchpath_override
+    from trainer.config.schema import register
+    from trainer.data import pipeline as augment
+    from trainer.data import sources as data
 
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     common.add_machine_args(parser)
     args = parser.parse_args(argv)
     threads, info = common.setup(args)
-    from trainer.precheck import CONF_DIR
+    from trainer.config.compose import CONF_DIR
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -55,8 +55,7 @@ def op_profile(fn, calls: int) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2)
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mobilevit_xxs"])

@@ -28,8 +28,8 @@ def ours_step(model_name: str, batch: int, size: int, xla: bool, device: str):
     import keras
     import tensorflow as tf
 
-    from trainer.loop import Loop
     from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+    from trainer.training.loop import Loop
 
     keras.mixed_precision.set_global_policy("mixed_float16" if device == "gpu" else "float32")
     model = build_classifier(MobileViTBackbone.from_preset(model_name), CLASSES)

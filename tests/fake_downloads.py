@@ -21,7 +21,7 @@ def main() -> None:
     import tensorflow_datasets as tfds
     from etils import epath
 
-    from trainer import preflight
+    from trainer.run import preflight
 
     def local(url) -> epath.Path:
         url = str(getattr(url, "url", url))

@@ -34,7 +34,7 @@ def main() -> None:
     sys.argv = ["trainer", *sys.argv[3:]]
     die = kill_on(n)
     if point == "step":
-        from trainer.loop import Loop
+        from trainer.training.loop import Loop
 
         train_step = Loop.train_step
         Loop.train_step = lambda self, it: (die(), train_step(self, it))[1]
@@ -52,7 +52,7 @@ def main() -> None:
 
         tf.train.CheckpointManager.save = save_then_die
     elif point == "export":
-        from trainer import export
+        from trainer.serving import savedmodel as export
 
         save_keras = export.save_keras
         export.save_keras = lambda model, path: (die(), save_keras(model, path))[1]

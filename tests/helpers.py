@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from hydra import compose, initialize_config_dir
 
-from trainer.config import register
-from trainer.precheck import CONF_DIR, searchpath_override
+from trainer.config.compose import CONF_DIR, searchpath_override
+from trainer.config.schema import register
 
 TINY = ["model.pretrained=none", "data.image_size=32", "trainer.epochs=1",
         "trainer.steps_per_epoch=2", "trainer.batch_size=8", "trainer.eval_steps=2",

@@ -8,12 +8,9 @@ images get different arg-max classes.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import sys
-import types
-
 import numpy as np
+
+from bench.timm_import import import_timm
 
 HF_CONFIGS = {  # transformers' MobileViTConfig for apple/mobilevit-{xx-small, x-small, small}
     "mobilevit_xxs": dict(hidden_sizes=[64, 80, 96], neck_hidden_sizes=[16, 16, 24, 48, 64, 80, 320],
@@ -22,54 +19,6 @@ HF_CONFIGS = {  # transformers' MobileViTConfig for apple/mobilevit-{xx-small, x
     "mobilevit_s": dict(hidden_sizes=[144, 192, 240],
                         neck_hidden_sizes=[16, 32, 64, 96, 128, 160, 640]),
 }
-
-
-def _import_timm():
-    """timm imports torchvision at import time, only for code we do not use (data transforms,
-    FrozenBatchNorm). PyPI's torchvision does not import beside the CPU torch build these machines
-    install, so an empty stand-in package satisfies those imports while timm is imported, and is
-    removed again so that transformers does not mistake it for the real one."""
-    if "timm" in sys.modules:
-        return sys.modules["timm"]
-    import torch
-
-    class _Meta(type):
-        def __getattr__(cls, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return f"{cls.__name__}.{name}"
-
-    class _Module(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            value = _Meta(name, (torch.nn.Module,), {})
-            setattr(self, name, value)
-            return value
-
-    class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, fullname, path, target=None):
-            if fullname == "torchvision" or fullname.startswith("torchvision."):
-                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-            return None
-
-        def create_module(self, spec):
-            module = _Module(spec.name)
-            module.__path__ = []
-            return module
-
-        def exec_module(self, module):
-            pass
-
-    finder = _Finder()
-    sys.meta_path.insert(0, finder)
-    try:
-        import timm
-    finally:
-        sys.meta_path.remove(finder)
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-    return timm
 
 
 def test_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -128,7 +77,7 @@ def make_discriminative(model, fmt: str, seed: int = 0):
 
 
 def timm_model(name: str, seed: int = 0):
-    timm = _import_timm()
+    timm = import_timm()
     import torch
 
     torch.manual_seed(seed)

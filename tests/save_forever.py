@@ -14,8 +14,8 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from trainer.checkpoints import restore_latest
 from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+from trainer.training.state import restore_latest
 
 
 def main() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from helpers import tiny_cfg
-from trainer import augment
-from trainer.policies import BatchMix, ImagePolicy
+
+from trainer.data import pipeline as augment
+from trainer.data.augmentation import BatchMix, ImagePolicy
 
 SIZE = 32
 IMAGE_OPS = {  # one op at a time on top of aug=none, then the composed policies
@@ -37,7 +37,7 @@ def test_image_op_eager_equals_tf_data(op):
     graph = [x.numpy() for x in ds]
     for e, g, i in zip(eager, graph, range(4)):
         assert e.shape == (SIZE, SIZE, 3) and e.dtype == g.dtype == np.float32
-        assert 0.0 <= e.min() and e.max() <= 1.0
+        assert e.min() >= 0.0 and e.max() <= 1.0
         np.testing.assert_allclose(e, g, atol=1e-5)
     # The op does something, and a different seed does something else.
     assert any(np.abs(e - image(i).numpy()).max() > 1e-3 for i, e in enumerate(eager))
@@ -62,7 +62,7 @@ def test_crop_flip_and_eval_resize_eager_equals_tf_data(aug):
         [None, None, 3], tf.uint8)).enumerate().map(lambda i, image: op(image, i))
     for e, g in zip(eager, ds):
         assert e.shape == (SIZE, SIZE, 3) and e.dtype == np.float32
-        assert 0.0 <= e.min() and e.max() <= 1.0
+        assert e.min() >= 0.0 and e.max() <= 1.0
         np.testing.assert_allclose(e, g.numpy(), atol=1e-5)
     second = op(raw[0], tf.constant(1, tf.int64)).numpy()  # another seed
     if aug == "basic":
@@ -117,8 +117,8 @@ def test_multiscale_batches_keep_pixels_per_batch_and_train(tmp_path):
     resume, and the training step takes them all."""
     import keras
 
-    from trainer.loop import Loop
     from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+    from trainer.training.loop import Loop
 
     cfg = tiny_cfg("aug=basic", "aug.multiscale_sizes=[16,24,32]")
     ds = tf.data.Dataset.from_tensor_slices((
@@ -148,14 +148,14 @@ def test_rand_augment_runs_only_the_chosen_op_with_keras_output():
     """Our switch_case RandAugment == Keras' own where-chain, for the same draws."""
     import keras
 
-    from trainer.policies import _rand_augment, _seeded_transformation
+    from trainer.data.augmentation import rand_augment, seeded_transformation
 
     layer = keras.layers.RandAugment(value_range=(0, 1), num_ops=2, factor=0.9)
     images = tf.random.stateless_uniform([1, SIZE, SIZE, 3], [4, 2])
     for s in range(6):
         seed = tf.constant([3, s], tf.int64)
-        ours = _rand_augment(layer, images, _seeded_transformation(layer, images, seed))
-        keras_own = layer.transform_images(images, _seeded_transformation(layer, images, seed))
+        ours = rand_augment(layer, images, seeded_transformation(layer, images, seed))
+        keras_own = layer.transform_images(images, seeded_transformation(layer, images, seed))
         np.testing.assert_allclose(ours, keras_own, atol=1e-6)
 
 

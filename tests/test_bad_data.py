@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import tiny_cfg
-from trainer.data import DataError, _decode_with_pillow, load_folder
-from trainer.train import train
+
+from trainer.data.sources import decode_with_pillow, load_folder
+from trainer.errors import DataError
+from trainer.training.train import train
 
 
 def _image(rng, h=48, w=64):
@@ -75,9 +76,9 @@ def test_decoding_every_usable_format_gives_rgb_uint8(tmp_path):
     _, _ = make_messy_folder(tmp_path)
     for name in ("alpha.png", "deep16.png", "grey.jpg", "cmyk.jpg", "palette.gif", "bitmap.bmp",
                  "web.webp"):
-        image = _decode_with_pillow(str(tmp_path / "cat" / name).encode())
+        image = decode_with_pillow(str(tmp_path / "cat" / name).encode())
         assert image.dtype == np.uint8 and image.shape == (48, 64, 3), name
-    deep = _decode_with_pillow(str(tmp_path / "cat" / "deep16.png").encode())
+    deep = decode_with_pillow(str(tmp_path / "cat" / "deep16.png").encode())
     assert 100 < deep.mean() < 155  # scaled from 16 bits, not clipped to white
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from trainer.config import ConfigError, register, validate
-from trainer.precheck import CONF_DIR, searchpath_override, check
+from trainer.config.compose import CONF_DIR, check, searchpath_override
+from trainer.config.schema import register
+from trainer.config.validate import validate
+from trainer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ["model", "data", "aug", "optim", "schedule", "trainer", "logger", "finetune",

@@ -14,9 +14,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import tiny_cfg
-from trainer.train import train
-
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["data=digits", "model.pretrained=none", "data.image_size=32", "trainer.epochs=1",
           "trainer.steps_per_epoch=3", "trainer.batch_size=16", "trainer.eval_steps=1",
@@ -196,11 +193,11 @@ def test_gpu_settings_run_on_cpu_mixed_precision_xla_default_aug_export_float32(
 
 def test_devices_are_logged_and_an_unseen_nvidia_gpu_is_warned_about(tmp_path, monkeypatch,
                                                                      caplog):
-    from trainer import distribute
+    from trainer.training import distribute
 
     assert not tf.config.list_physical_devices("GPU")  # this CPU machine, TensorFlow's view
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi, no /dev/nvidia0: no warning
-    with caplog.at_level("INFO", logger="trainer.distribute"):
+    with caplog.at_level("INFO", logger="trainer.training.distribute"):
         assert distribute.report_devices() == ["CPU:0"]
     assert "devices: CPU:0" in caplog.text and "NVIDIA" not in caplog.text
 
@@ -209,7 +206,7 @@ def test_devices_are_logged_and_an_unseen_nvidia_gpu_is_warned_about(tmp_path, m
     smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100'\n")
     smi.chmod(0o755)
     caplog.clear()
-    with caplog.at_level("INFO", logger="trainer.distribute"):
+    with caplog.at_level("INFO", logger="trainer.training.distribute"):
         distribute.report_devices()
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1

@@ -13,14 +13,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import tiny_cfg
 from PIL import Image
 
-from helpers import tiny_cfg
-from trainer import export
-from trainer.augment import eval_preprocess
-from trainer.data import load_digits
-from trainer.evaluate import classification_report
-from trainer.train import train
+from trainer.data.pipeline import eval_preprocess
+from trainer.data.sources import load_digits
+from trainer.serving import savedmodel as export
+from trainer.serving.evaluation import classification_report
+from trainer.training.train import train
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -102,7 +102,7 @@ def test_litert_files_run_and_meet_their_bars(run):
     sizes = {v: (run_dir / "export" / "litert" / c["file"]).stat().st_size for v, c in checks.items()}
     assert sizes["int8"] < 0.5 * sizes["float32"] and sizes["float16"] < 0.6 * sizes["float32"]
     # Independently: the float32 file in the interpreter on fresh images.
-    from trainer import litert
+    from trainer.serving import litert
     images = np.random.default_rng(0).random((3, 32, 32, 3), np.float32)
     got = litert.run((run_dir / "export" / "litert" / "model_float32.tflite").read_bytes(), images)
     np.testing.assert_allclose(got, tf.nn.softmax(model(images, training=False)), atol=1e-4)

@@ -15,14 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from helpers import tiny_cfg
-from trainer import rundir
-from trainer.checkpoints import restore_latest
-from trainer.config import ConfigError
-from trainer.loop import NonFiniteLoss
-from trainer.models.weights import CheckpointError
-from trainer.train import train
+
+from trainer.errors import CheckpointError, ConfigError, NonFiniteLoss
+from trainer.run import dirs as rundir
+from trainer.training.state import restore_latest
+from trainer.training.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -206,8 +204,8 @@ def test_full_or_unwritable_output_is_detected_before_training(tmp_path, monkeyp
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     base = str(tmp_path / "outputs" / "2026-11-24" / "10-00-00-mobilevit_xxs-digits")
-    code = ("import sys; from omegaconf import OmegaConf; from trainer.config import register; "
-            "register(); c = OmegaConf.create({'dir': '${unique_dir:' + sys.argv[1] + '}'}); "
+    code = ("import sys; from omegaconf import OmegaConf; from trainer.run.dirs import register_resolver; "
+            "register_resolver(); c = OmegaConf.create({'dir': '${unique_dir:' + sys.argv[1] + '}'}); "
             "print(c.dir); print(c.dir)")
     procs = [subprocess.Popen([sys.executable, "-c", code, base], cwd=ROOT, env=ENV, text=True,
                               stdout=subprocess.PIPE) for _ in range(4)]
@@ -287,7 +285,7 @@ def test_disk_filling_during_training_stops_with_one_line_and_resumes(small_disk
 
 
 def test_out_of_memory_names_the_device_and_the_batch_size(tmp_path):
-    from trainer.failures import resource_message
+    from trainer.errors import resource_message
 
     oom = tf.errors.ResourceExhaustedError(
         None, None, "OOM when allocating tensor with shape[64,96,128,128] and type float on "

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
-
 from helpers import tiny_cfg
-from trainer.finetune import GROUP_ORDER, layer_decay_factors
+
 from trainer.models.mobilevit import MobileViTBackbone, build_classifier
-from trainer.optim import ScaledSchedule, StagedSchedule, ema_pairs, make_optimizer, make_schedule
-from trainer.train import train
+from trainer.training.optim import (
+    ScaledSchedule,
+    StagedSchedule,
+    ema_pairs,
+    make_optimizer,
+    make_schedule,
+)
+from trainer.training.stages import GROUP_ORDER, layer_decay_factors
+from trainer.training.train import train
 
 STAGES = ("finetune.stages=[{name:head,epochs:1,lr:0.01,train:head},"
           "{name:frozen_bn,epochs:1,train:all,bn:frozen},{name:all,train:all,bn:train}]")

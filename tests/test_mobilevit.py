@@ -10,10 +10,11 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-
 import reference as R
+
+from trainer.errors import CheckpointError
 from trainer.models import mobilevit as M
-from trainer.models.weights import CheckpointError, load_torch_state, read_checkpoint
+from trainer.models.weights import load_torch_state, read_checkpoint
 
 SIZES = ["mobilevit_xxs", "mobilevit_xs", "mobilevit_s"]
 TOL = 1e-4  # max |ours - ref| relative to the largest reference logit
@@ -62,7 +63,7 @@ def test_parity_with_reference(name, fmt, size, tmp_path_factory):
     assert rel_err(expected, got) < TOL
     np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
     features = R.reference_features(ref, images, fmt)
-    from trainer.export import feature_model
+    from trainer.serving.savedmodel import feature_model
     assert rel_err(features, feature_model(ours)(images, training=False).numpy()) < TOL
 
 
@@ -178,8 +179,8 @@ def test_convert_cli_savedmodels_match(name, fmt, tmp_path, tmp_path_factory):
     out = tmp_path / "out"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root}
-    subprocess.run([sys.executable, "-m", "trainer.convert", "--model", name, "--checkpoint",
-                    str(path), "--output", str(out)], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "trainer.convert", f"model={name}",
+                    f"checkpoint={path}", f"output={out}"], check=True, env=env, capture_output=True)
     assert (out / f"{name}.weights.h5").is_file()
     images = R.test_images(4, 256, seed=11)
     np.save(tmp_path / "x.npy", images)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import tiny_cfg
+
 from trainer.models.mobilevit import MobileViTBackbone, build_classifier
-from trainer.optim import make_optimizer, make_schedule, scaled_lr
+from trainer.training.optim import make_optimizer, make_schedule, scaled_lr
 
 
 @pytest.mark.parametrize("scaling,expected", [("none", 1e-3), ("linear", 4e-3), ("sqrt", 2e-3)])

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from trainer.reproduce import compose_recipe, recipe_names, smoke_overrides
-from trainer.train import train
+from trainer.config.recipes import compose_recipe, recipe_names, smoke_overrides
+from trainer.training.train import train
 
 CLASSES = {"flowers": 5, "flowers102": 102, "pets": 37, "cifar10": 10, "beans": 3, "digits": 10}
 COVERED_ELSEWHERE = {"digits_0to4_pretrain", "digits_5to9_transfer"}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.reproduce import compare, compose_recipe, recipe_names
+from trainer.config.recipes import compare, compose_recipe, recipe_names
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = ("Recipe:", "Command:", "Hardware:", "Expected:", "Source:")
@@ -67,21 +67,21 @@ def reproduce(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_reproduce_refuses_an_unknown_recipe(tmp_path):
-    run = reproduce(["digits_7to9"], tmp_path)
+    run = reproduce(["experiment=digits_7to9"], tmp_path)
     assert run.returncode == 2
     assert run.stderr.startswith("error: no recipe 'digits_7to9'; the recipes are: beans_xxs, ")
     assert not (tmp_path / "outputs").exists()
 
 
 def test_reproduce_refuses_a_bad_override_and_leaves_nothing(tmp_path):
-    run = reproduce(["digits_5to9_transfer", "optim.lr=-1", "--out", "out"], tmp_path)
+    run = reproduce(["experiment=digits_5to9_transfer", "optim.lr=-1", "out=out"], tmp_path)
     assert run.returncode == 2
     assert run.stderr.strip() == "error: optim.lr=-1.0 is out of range; it must be > 0.0"
     assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_reproduce_smoke_runs_the_transfer_recipe_after_its_pretraining(tmp_path):
-    run = reproduce(["digits_5to9_transfer", "--smoke", "--out", "out"], tmp_path)
+    run = reproduce(["experiment=digits_5to9_transfer", "smoke=true", "out=out"], tmp_path)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-3000:]
     (root,) = (tmp_path / "out").iterdir()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from trainer import summarize
@@ -72,7 +73,7 @@ def test_summarize_sorts_trials_and_writes_markdown_and_csv(tmp_path, capsys):
     failed = _trial(sweep, "3", ["optim.lr=1.0"], checkpoint=True)
     (failed / "failed.json").write_text(json.dumps({"error": "NonFiniteLoss: loss is nan"}))
     _trial(sweep, "4", ["optim.lr=2.0"])
-    assert summarize.main([str(sweep)]) == 0
+    assert summarize.main([f"sweep={sweep}"]) == 0
     rows = list(__import__("csv").DictReader(open(sweep / "summary.csv")))
     assert [r["trial"] for r in rows] == ["1", "0", "2", "3", "4"]
     assert [r["status"] for r in rows] == ["finished", "finished", "interrupted", "failed",
@@ -82,4 +83,6 @@ def test_summarize_sorts_trials_and_writes_markdown_and_csv(tmp_path, capsys):
     table = (sweep / "summary.md").read_text()
     assert table.splitlines()[2].startswith("| 1 | optim.lr=0.0003 | 0.9000 | 0.8000 |")
     assert table in capsys.readouterr().out
-    assert summarize.main([str(tmp_path / "empty")]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        summarize.main([f"sweep={tmp_path / 'empty'}"])
+    assert exit_.value.code == 2

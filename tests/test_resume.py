@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from helpers import tiny_cfg
-from trainer.loop import Loop
-from trainer.train import train
+
+from trainer.training.loop import Loop
+from trainer.training.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 RESUMABLE = ["data=digits", "trainer.epochs=2", "trainer.steps_per_epoch=3",

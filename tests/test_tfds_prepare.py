@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
-
 from helpers import tiny_cfg
 from tfds_archives import ARCHIVES
-from trainer import data
+
+from trainer.data import sources as data
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -154,14 +154,14 @@ def test_tfds_failures_say_what_failed():
     cfg = tiny_cfg("data=flowers", "data.data_dir=/data/tfds").data
     missing = ModuleNotFoundError("No module named 'importlib_resources'",
                                   name="importlib_resources")
-    assert data._tfds_failure(cfg, "train", missing) == (
+    assert data.tfds_failure(cfg, "train", missing) == (
         "preparing TFDS tf_flowers needs the Python package 'importlib_resources', which is not "
         "installed: pip install importlib_resources")
     for error in (tfds.download.DownloadError("Failed to get url x. HTTP code: 503."),
                   requests.ConnectionError("Max retries exceeded")):
-        message = data._tfds_failure(cfg, "train", error)
+        message = data.tfds_failure(cfg, "train", error)
         assert message.startswith("cannot download TFDS tf_flowers (")
         assert "data.data_dir=DIR (now /data/tfds)" in message and "split" not in message
     not_prepared = tiny_cfg("data=flowers", "data.download=false").data
-    assert "data.download=false" in data._tfds_failure(
+    assert "data.download=false" in data.tfds_failure(
         not_prepared, "train", AssertionError("Dataset tf_flowers: could not find data"))

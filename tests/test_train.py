@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import make_image_folder, tiny_cfg
 from omegaconf import OmegaConf
 
-from helpers import make_image_folder, tiny_cfg
-from trainer.augment import eval_preprocess
-from trainer.train import train
+from trainer.data.pipeline import eval_preprocess
+from trainer.training.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def test_train_digits_end_to_end_with_wandb_offline(tmp_path):
     assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
     # wandb, offline: one run, id kept in the run directory, flattened config, finished.
-    from trainer.loggers import wandb_run_id
+    from trainer.run.loggers import wandb_run_id
 
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
@@ -115,7 +115,8 @@ def test_hydra_app_writes_run_directory(tmp_path):
 
 
 def test_class_subset_and_few_labels_per_class():
-    from trainer.data import DataError, load_dataset
+    from trainer.data.sources import load_dataset
+    from trainer.errors import DataError
 
     cfg = tiny_cfg("data.classes=[7,5,9]", "data.train_per_class=4").data
     dataset = load_dataset(cfg)
@@ -134,11 +135,11 @@ def test_class_subset_and_few_labels_per_class():
 
 
 def test_wandb_run_is_finished_when_training_fails(tmp_path):
-    from trainer.loggers import EpochLoggers
+    from trainer.run.loggers import EpochLoggers
 
     cfg = tiny_cfg("logger=wandb", "logger.mode=offline")
     with pytest.raises(RuntimeError, match="boom"):
-        with EpochLoggers(cfg, tmp_path, chief=True, completed_epochs=0) as loggers:
+        with EpochLoggers(cfg.logger, {}, tmp_path, chief=True, completed_epochs=0) as loggers:
             loggers.log_epoch({"epoch": 1, "loss": 2.0, "accuracy": 0.1, "val_loss": 2.1,
                                "val_accuracy": 0.1, "lr": 1e-3})
             raise RuntimeError("boom")
@@ -161,8 +162,8 @@ def test_wandb_run_killed_in_a_shared_service_gets_a_clear_error(tmp_path):
     env = {**os.environ, "WANDB_SERVICE": start.stdout.strip().splitlines()[-1],
            "WANDB_SILENT": "true", "PYTHONPATH": str(Path(__file__).parent.parent)}
     script = ("import sys, time; from tests.helpers import tiny_cfg; "
-              "from trainer.loggers import start_wandb; "
-              "start_wandb(tiny_cfg('logger=wandb', 'logger.mode=offline'), "
+              "from trainer.run.loggers import start_wandb; "
+              "start_wandb(tiny_cfg('logger=wandb', 'logger.mode=offline').logger, {}, "
               f"__import__('pathlib').Path({str(tmp_path)!r})); print('open', flush=True); "
               "time.sleep(120)")
     try:
@@ -199,7 +200,7 @@ def test_online_wandb_without_credentials_is_refused_before_training(tmp_path, m
         assert advice in line
     assert not run_dir.exists()
 
-    from trainer import preflight
+    from trainer.run import preflight
 
     logger = OmegaConf.create({"name": "wandb", "mode": "online"})
     monkeypatch.setenv("HOME", str(home))

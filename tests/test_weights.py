@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import reference as R
+
+from trainer.errors import CheckpointError
 from trainer.models import mobilevit as M
-from trainer.models.weights import CheckpointError, load_pretrained, read_checkpoint
+from trainer.models.weights import load_pretrained, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +97,7 @@ def test_pytorch_bin_with_torch_and_clear_error_without(timm_xxs, tmp_path, monk
     assert "head new" in load_pretrained(model, str(path), "mobilevit_xxs")
     images = R.test_images(2, 64, seed=9)
     features = R.reference_features(ref, images, "timm")
-    from trainer.export import feature_model
+    from trainer.serving.savedmodel import feature_model
     ours = feature_model(model)(images, training=False).numpy()
     assert np.abs(ours - features).max() / np.abs(features).max() < 1e-4
 
@@ -110,8 +111,7 @@ def test_convert_weights_h5_is_accepted_and_checked(timm_xxs, tmp_path):
     ref, path = timm_xxs
     from trainer.convert import main as convert
 
-    assert convert(["--model", "mobilevit_xxs", "--checkpoint", str(path), "--output",
-                    str(tmp_path / "out")]) == 0
+    assert convert(["model=mobilevit_xxs", f"checkpoint={path}", f"output={tmp_path / 'out'}"]) == 0
     h5 = tmp_path / "out" / "mobilevit_xxs.weights.h5"
     model = M.build_classifier(M.MobileViTBackbone.from_preset("mobilevit_xxs"), 1000)
     assert "head kept" in load_pretrained(model, str(h5), "mobilevit_xxs")
@@ -121,5 +121,7 @@ def test_convert_weights_h5_is_accepted_and_checked(timm_xxs, tmp_path):
     wrong = M.build_classifier(M.MobileViTBackbone.from_preset("mobilevit_s"), 1000)
     with pytest.raises(CheckpointError, match="does not fit mobilevit_s"):
         load_pretrained(wrong, str(h5), "mobilevit_s")
-    assert convert(["--model", "mobilevit_xxs", "--checkpoint", str(tmp_path / "nope.safetensors"),
-                    "--output", str(tmp_path / "o2")]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        convert(["model=mobilevit_xxs", f"checkpoint={tmp_path / 'nope.safetensors'}",
+                 f"output={tmp_path / 'o2'}"])
+    assert exit_.value.code == 2

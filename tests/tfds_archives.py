@@ -86,9 +86,9 @@ def oxford_iiit_pet(out: Path) -> dict[str, int]:
             annotations[f"annotations/trimaps/{name}.png"] = _png(trimap)
             if i % 2:  # the builder uses an empty head box where the XML is missing
                 annotations[f"annotations/xmls/{name}.xml"] = (
-                    f"<annotation><size><width>48</width><height>40</height></size><object>"
-                    f"<bndbox><xmin>5</xmin><ymin>4</ymin><xmax>30</xmax><ymax>25</ymax></bndbox>"
-                    f"</object></annotation>").encode()
+                    b"<annotation><size><width>48</width><height>40</height></size><object>"
+                    b"<bndbox><xmin>5</xmin><ymin>4</ymin><xmax>30</xmax><ymax>25</ymax></bndbox>"
+                    b"</object></annotation>")
             lists["trainval" if i <= 6 else "test"].append(f"{name} {class_id} {species} 1")
     for split, lines in lists.items():
         annotations[f"annotations/{split}.txt"] = ("\n".join(lines) + "\n").encode()

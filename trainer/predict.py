@@ -8,27 +8,40 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
+
+from trainer.atomic import write_text
+from trainer.config.args import fail, parse_args
+from trainer.config.schema import TOP_K
+from trainer.data.files import SERVED_SUFFIXES
 
 USAGE = ("python -m trainer.predict run=RUN_DIR images=PATH [PATH ...] [top_k=5] "
          "[output=predictions.json]")
-SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp"}
+
+
+@dataclass
+class Args:
+    run: str = "???"
+    images: List[str] = field(default_factory=lambda: ["???"])
+    top_k: int = TOP_K
+    output: Optional[str] = None
 
 
 def image_files(paths: list[str]) -> list[Path]:
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in SUFFIXES)
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in SERVED_SUFFIXES)
         elif p.is_file():
             files.append(p)
         else:
-            from trainer.runs import fail
             fail(f"images={str(p)!r}: no such file or directory")
     return files
 
 
-def predict(classifier_dir: Path, files: list[Path], top_k: int = 5) -> list[dict]:
+def predict(classifier_dir: Path, files: list[Path], top_k: int = TOP_K) -> list[dict]:
     import tensorflow as tf
 
     serve = tf.saved_model.load(str(classifier_dir)).signatures["serve_bytes"]
@@ -49,26 +62,24 @@ def predict(classifier_dir: Path, files: list[Path], top_k: int = 5) -> list[dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.runs import fail, parse_args
-
-    args = parse_args(sys.argv[1:] if argv is None else argv,
-                      {"run": "required", "images": "required", "top_k": "optional",
-                       "output": "optional"}, USAGE)
-    classifier = Path(args["run"][0]) / "export" / "classifier"
+    args = parse_args(Args, argv, USAGE)
+    classifier = Path(args.run) / "export" / "classifier"
     if not (classifier / "saved_model.pb").is_file():
-        fail(f"run={args['run'][0]!r} has no exported classifier ({classifier})")
-    files = image_files(args["images"])
+        fail(f"run={args.run!r} has no exported classifier ({classifier})")
+    if args.images == ["???"]:
+        fail(f"images= is missing\nusage: {USAGE}")
+    files = image_files(args.images)
     if not files:
         fail("images= matched no image file")
-    results = predict(classifier, files, int(args.get("top_k", ["5"])[0]))
+    results = predict(classifier, files, args.top_k)
     for r in results:
         if "error" in r:
             print(f"{r['file']}: cannot decode ({r['error']})")
         else:
             best = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
             print(f"{r['file']}: {best}")
-    if "output" in args:
-        Path(args["output"][0]).write_text(json.dumps(results, indent=2) + "\n")
+    if args.output:
+        write_text(Path(args.output), json.dumps(results, indent=2) + "\n")
     return 0
 
 

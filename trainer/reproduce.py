@@ -1,13 +1,15 @@
-"""`python -m trainer.reproduce RECIPE [--smoke] [overrides...]`: run a recipe, check its promise.
+"""`python -m trainer.reproduce experiment=RECIPE [smoke=true] [out=DIR] [overrides...]`: run a
+recipe, check its promise.
 
-RECIPE is a file of recipes/experiment/ (its stem, or its path). The recipes it requires (its
+RECIPE is a file of recipes/experiment/ (its stem, or its path); every other `key=value` is a
+Hydra override for every run. The recipes it requires (its
 `recipe.requires`, e.g. the pretraining run a transfer recipe starts from) run first, each into
 its own directory under `outputs/reproduce/<RECIPE>-<time>/`, then the recipe itself, all with the
 same command a user types: `python -m trainer experiment=<name> hydra.run.dir=<dir>`.
 The recipe's `recipe.metric` in metrics.json is then compared with `recipe.expected` +/-
 `recipe.tolerance`, printed, and written to `<dir>/reproduce.json`.
 
-`--smoke`: every run for a few steps at 32x32 on mock data (TFDS mock_data; ImageNet weights are
+`smoke=true`: every run for a few steps at 32x32 on mock data (TFDS mock_data; ImageNet weights are
 not fetched), offline: the recipe composes and runs end to end; nothing is compared.
 
 Exit status: 0 within tolerance (or a smoke run that finished), 1 outside it, 2 a usage or config
@@ -16,78 +18,19 @@ mistake; a failing training run passes on its own status.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import List
 
 from trainer.atomic import write_json
-from trainer.config import ConfigError, one_line, register, validate
-from trainer.precheck import CONF_DIR, RECIPES_DIR, searchpath_override
-
-SMOKE = ["trainer.steps_per_epoch=2", "trainer.eval_steps=1", "trainer.batch_size=4",
-         "data.image_size=32", "data.shuffle_buffer=16", "logger.tensorboard=false",
-         "trainer.checkpoint_every_steps=0", "aug.multiscale_sizes=[]"]
-MOCK_EXAMPLES = 64  # per split; enough for a stratified validation split of 37 classes
-
-
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in (RECIPES_DIR / "experiment").glob("*.yaml"))
-
-
-def recipe_name(arg: str) -> str:
-    name = Path(arg).stem if arg.endswith(".yaml") else arg
-    if name not in recipe_names():
-        raise ConfigError(f"no recipe {arg!r}; the recipes are: {', '.join(recipe_names())}")
-    return name
-
-
-def compose_recipe(name: str, overrides: list[str] = (), check: bool = True):
-    """The recipe's composed config (as `python -m trainer experiment=NAME` sees it)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    register()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        try:
-            cfg = compose("config", overrides=[f"experiment={name}", *overrides,
-                                                *searchpath_override([])])
-            OmegaConf.resolve(cfg)
-        except Exception as e:
-            raise ConfigError(f"recipe {name}: {one_line(e)}") from None
-    if check:
-        validate(cfg)
-    return cfg
-
-
-def run_order(name: str, seen: tuple[str, ...] = ()) -> list[str]:
-    """The recipe after everything it requires (depth first), each once."""
-    if name in seen:
-        raise ConfigError(f"recipe {name} requires itself: {' -> '.join(seen + (name,))}")
-    order: list[str] = []
-    for dep in compose_recipe(name, check=False).recipe.requires.values():
-        for n in run_order(recipe_name(dep), seen + (name,)):
-            if n not in order:
-                order.append(n)
-    return order + [name]
-
-
-def smoke_overrides(cfg, needed: bool = False) -> list[str]:
-    """A few steps of the same recipe: one epoch per fine-tuning stage, mock TFDS data.
-
-    `needed`: another recipe starts from this run, which must then export its model.
-    """
-    stages = cfg.finetune.stages
-    out = [*SMOKE, f"trainer.epochs={max(len(stages), 1)}", f"trainer.export={needed}"]
-    out += [f"finetune.stages.{i}.epochs=1" for i, s in enumerate(stages) if s.epochs is not None]
-    if cfg.data.source == "tfds":
-        out.append(f"data.mock_examples={MOCK_EXAMPLES}")
-    if cfg.model.pretrained == "imagenet":
-        out.append("model.pretrained=none")  # not fetched in a smoke run
-    return out
+from trainer.config.args import parse_args
+from trainer.config.recipes import compare, compose_recipe, recipe_name, run_order, smoke_overrides
+from trainer.errors import ConfigError
 
 
 def train_recipe(name: str, run_dir: Path, overrides: list[str]) -> int:
@@ -97,25 +40,25 @@ def train_recipe(name: str, run_dir: Path, overrides: list[str]) -> int:
     return subprocess.run(cmd).returncode
 
 
-def compare(cfg, metrics: dict) -> dict:
-    r = cfg.recipe
-    measured = metrics.get(r.metric)
-    result = {"metric": r.metric, "measured": measured, "expected": r.expected,
-              "tolerance": r.tolerance, "source": r.source}
-    if measured is None or r.expected is None:
-        return {**result, "within": None}
-    return {**result, "delta": round(measured - r.expected, 6),
-            "within": abs(measured - r.expected) <= r.tolerance + 1e-9}
+USAGE = ("python -m trainer.reproduce experiment=RECIPE [smoke=true] [out=outputs/reproduce] "
+         "[overrides...]")
+
+
+@dataclass
+class Args:
+    experiment: str = "???"  # a recipe of recipes/experiment/ (name or path)
+    smoke: bool = False  # a few steps on mock data
+    out: str = "outputs/reproduce"
+    overrides: List[str] = field(default_factory=list)  # Hydra overrides for every run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.reproduce",
-                                     description=__doc__.splitlines()[0].split(": ", 1)[1])
-    parser.add_argument("recipe", help="a recipe of recipes/experiment/ (name or path)")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
-    parser.add_argument("--smoke", action="store_true", help="a few steps on mock data")
-    parser.add_argument("--out", type=Path, default=Path("outputs/reproduce"))
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    own = tuple(f"{f.name}=" for f in fields(Args) if f.name != "overrides")
+    args = parse_args(Args, [a for a in argv if a.startswith(own) or a in ("-h", "--help")],
+                      USAGE)
+    args.overrides = [a for a in argv if not a.startswith(own)]
+    args.recipe, args.out = args.experiment, Path(args.out)
     root = None
     try:
         name = recipe_name(args.recipe)

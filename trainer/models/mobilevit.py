@@ -8,60 +8,24 @@ Exact against apple/ml-cvnets, timm `mobilevit_*` and transformers `MobileViTMod
 - the MobileViT block unfolds 2x2 patches so that attention runs over the N patches separately for
   each of the P = 4 pixel positions, and resizes maps not divisible by 2 (bilinear, half-pixel).
 
-The architecture is the table `ARCHS`; `MobileViTBackbone.from_preset(name)` builds one of them.
+The architectures are tables in `models/presets.py`; `MobileViTBackbone.from_preset(name)` builds one.
 """
 
 from __future__ import annotations
 
 import contextlib
-
 import math
-from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from trainer.models.presets import preset
+
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 LN_EPSILON = 1e-5
-
-# One row per stage after the stem: MobileNetV2 blocks ("mv2") or a stride-2 MV2 followed by a
-# MobileViT block ("vit": transformer width d, depth, ffn = mlp_ratio * d).
-ARCHS: dict[str, dict[str, Any]] = {
-    "mobilevit_xxs": dict(
-        stem_channels=16, expand_ratio=2.0, final_channels=320,
-        stages=[
-            dict(type="mv2", channels=16, depth=1, stride=1),
-            dict(type="mv2", channels=24, depth=3, stride=2),
-            dict(type="vit", channels=48, stride=2, dim=64, depth=2),
-            dict(type="vit", channels=64, stride=2, dim=80, depth=4),
-            dict(type="vit", channels=80, stride=2, dim=96, depth=3),
-        ],
-    ),
-    "mobilevit_xs": dict(
-        stem_channels=16, expand_ratio=4.0, final_channels=384,
-        stages=[
-            dict(type="mv2", channels=32, depth=1, stride=1),
-            dict(type="mv2", channels=48, depth=3, stride=2),
-            dict(type="vit", channels=64, stride=2, dim=96, depth=2),
-            dict(type="vit", channels=80, stride=2, dim=120, depth=4),
-            dict(type="vit", channels=96, stride=2, dim=144, depth=3),
-        ],
-    ),
-    "mobilevit_s": dict(
-        stem_channels=16, expand_ratio=4.0, final_channels=640,
-        stages=[
-            dict(type="mv2", channels=32, depth=1, stride=1),
-            dict(type="mv2", channels=64, depth=3, stride=2),
-            dict(type="vit", channels=96, stride=2, dim=144, depth=2),
-            dict(type="vit", channels=128, stride=2, dim=192, depth=4),
-            dict(type="vit", channels=160, stride=2, dim=240, depth=3),
-        ],
-    ),
-}
-
 
 def make_divisible(value: float, divisor: int = 8) -> int:
     """Channel rounding of MobileNetV2 / ml-cvnets / timm (never more than 10% below `value`)."""
@@ -308,10 +272,8 @@ class MobileViTBackbone(keras.Model):
         self.image_shape = tuple(image_shape)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "MobileViTBackbone":
-        if name not in ARCHS:
-            raise ValueError(f"unknown MobileViT preset {name!r}; allowed: {sorted(ARCHS)}")
-        return cls(**{**ARCHS[name], "name": name, **overrides})
+    def from_preset(cls, name: str, **overrides) -> MobileViTBackbone:
+        return cls(**{**preset(name).arch, "name": name, **overrides})
 
     def get_config(self) -> dict:
         return {
@@ -325,7 +287,7 @@ class MobileViTBackbone(keras.Model):
         }
 
     @classmethod
-    def from_config(cls, config: dict) -> "MobileViTBackbone":
+    def from_config(cls, config: dict) -> MobileViTBackbone:
         return cls(**config)
 
 
@@ -357,6 +319,24 @@ def build_classifier(backbone: keras.Model, num_classes: int, dropout: float = 0
     x = layers.Dropout(dropout, name="head_dropout")(x)
     logits = layers.Dense(num_classes, name="head", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)
+
+
+def build_model(model_cfg, num_classes: int) -> keras.Model:
+    """The classifier a `model` config describes (weights not loaded: models/weights.py)."""
+    backbone = MobileViTBackbone.from_preset(
+        model_cfg.name, dropout=model_cfg.dropout, drop_path_rate=model_cfg.drop_path_rate,
+        sync_bn=model_cfg.sync_bn)
+    return build_classifier(backbone, num_classes, dropout=model_cfg.head_dropout)
+
+
+def find_backbone(model: keras.Model) -> MobileViTBackbone:
+    """The MobileViTBackbone inside a classifier (or the model itself)."""
+    if isinstance(model, MobileViTBackbone):
+        return model
+    for layer in model.layers:
+        if isinstance(layer, MobileViTBackbone):
+            return layer
+    raise ValueError(f"model {model.name!r} contains no MobileViTBackbone")
 
 
 @contextlib.contextmanager

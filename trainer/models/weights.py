@@ -16,15 +16,14 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from trainer.preflight import HUB_FILE, HUB_REPO, hub_url
-from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+from trainer.atomic import replacing
+from trainer.errors import CheckpointError
+from trainer.models.mobilevit import MobileViTBackbone, build_classifier, find_backbone
+from trainer.models.presets import HUB_FILE, hub_repo, hub_url
 
 IMAGENET_CLASSES = 1000
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -54,7 +53,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise CheckpointError(
                 f"{path} is a PyTorch pickle and torch is not installed; download the "
                 f"model.safetensors file of the same model from the Hugging Face Hub instead "
-                f"(e.g. https://huggingface.co/{HUB_REPO.format(name='mobilevit_xs')}) and point "
+                f"(e.g. https://huggingface.co/{hub_repo('mobilevit_xs')}) and point "
                 f"model.pretrained at it") from None
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         state = state.get("state_dict", state.get("model", state))
@@ -162,15 +161,6 @@ def _to_keras(layer: keras.layers.Layer, arrays: list[np.ndarray]) -> list[np.nd
     return list(arrays)  # BatchNorm, LayerNorm: same layout
 
 
-def find_backbone(model: keras.Model) -> MobileViTBackbone:
-    if isinstance(model, MobileViTBackbone):
-        return model
-    for layer in model.layers:
-        if isinstance(layer, MobileViTBackbone):
-            return layer
-    raise CheckpointError(f"model {model.name!r} contains no MobileViTBackbone")
-
-
 def _head_layer(model: keras.Model):
     try:
         return model.get_layer("head")
@@ -249,7 +239,7 @@ def download_imagenet_checkpoint(name: str) -> Path:
     """`model.safetensors` of timm/<name>.cvnets_in1k through the Hugging Face cache."""
     from huggingface_hub import hf_hub_download
 
-    repo = HUB_REPO.format(name=name)
+    repo = hub_repo(name)
     try:
         return Path(hf_hub_download(repo, HUB_FILE))
     except Exception as e:  # offline, no network, not cached, hub down: all need the same advice
@@ -309,6 +299,17 @@ def load_run_weights(model: keras.Model, run_dir: Path, class_names: list[str] |
     return _copy_from(donor, model, keep_head=same)
 
 
+def restore_best_checkpoint(model: keras.Model, run_dir: Path) -> str:
+    """A run directory's best checkpoint (checkpoints/best) into `model`, built from the run's
+    config; returns the checkpoint's path."""
+    manager_dir = run_dir / "checkpoints" / "best"
+    latest = tf.train.latest_checkpoint(str(manager_dir))
+    if latest is None:
+        raise CheckpointError(f"{manager_dir} holds no checkpoint")
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    return latest
+
+
 def load_pretrained(model: keras.Model, spec: str, name: str, fmt: str | None = None,
                     class_names: list[str] | None = None) -> str:
     """Initialise `model` from `spec`: 'imagenet', 'none', a checkpoint file or a run directory.
@@ -329,11 +330,10 @@ def load_pretrained(model: keras.Model, spec: str, name: str, fmt: str | None = 
             donor = _donor(find_backbone(model))
             load_torch_state(donor, read_checkpoint(source), "timm", source=str(source))
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp.weights.h5")
-            donor.save_weights(str(tmp))
-            os.replace(tmp, cached)  # atomic: a crash never leaves a half-written cache entry
+            with replacing(cached) as tmp:  # a crash never leaves a half-written cache entry
+                donor.save_weights(str(tmp))
             head = _copy_from(donor, model)
-        return f"ImageNet weights of {HUB_REPO.format(name=name)} (head {'kept' if head else 'new'})"
+        return f"ImageNet weights of {hub_repo(name)} (head {'kept' if head else 'new'})"
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "export" / "model.keras").is_file():
         head = load_run_weights(model, path, class_names)

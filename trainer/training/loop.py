@@ -10,41 +10,23 @@ replica count, including partial last evaluation batches.
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import math
 import signal
 import time
 import types
-from pathlib import Path
 from typing import Callable
 
 import keras
 import tensorflow as tf
 
-from trainer.atomic import replacing
+from trainer.config.schema import TOP_K
+from trainer.errors import NonFiniteLoss
+from trainer.training.state import STAT_KEYS
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last checkpoint."""
-
-
-class Preempted(RuntimeError):
-    """SIGTERM or Ctrl-C arrived; a checkpoint was written and the same command resumes."""
-
-    def __init__(self, signum: int, step: int, checkpoint: str | None):
-        self.exit_code = 128 + signum  # what shells and schedulers expect: 143, 130
-        if signum == signal.SIGINT:
-            text = (f"interrupted at step {step}; run the same command to resume "
-                    f"(checkpoint {checkpoint})")
-        else:
-            text = f"stopped by SIGTERM at step {step}; checkpoint {checkpoint}"
-        super().__init__(text)
-
-
-STAT_KEYS = ("loss", "correct", "correct_topk", "count")  # per-epoch sums, in this order
 
 
 def zero_totals() -> dict:
@@ -90,7 +72,7 @@ class Loop:
         self.strategy, self.model, self.optimizer = strategy, model, optimizer
         self.log_every_steps, self.jit_compile = log_every_steps, jit_compile
         self.num_classes, self.global_batch = num_classes, global_batch
-        self.top_k = min(5, num_classes)
+        self.top_k = min(TOP_K, num_classes)
         self.loss_fn = keras.losses.CategoricalCrossentropy(
             from_logits=True, label_smoothing=label_smoothing, reduction=None)
         self.reset()
@@ -214,30 +196,6 @@ def _summarise(totals: dict, prefix: str) -> dict:
     return {f"{prefix}loss": totals["loss"] / n, f"{prefix}accuracy": totals["correct"] / n,
             f"{prefix}top5_accuracy": totals["correct_topk"] / n,
             f"{prefix}examples": int(totals["count"])}
-
-
-class History:
-    """Per-epoch rows appended to history.csv (one row per finished epoch).
-
-    On resume, rows of epochs after the restored checkpoint are dropped, so that every epoch
-    appears exactly once.
-    """
-
-    def __init__(self, path: Path | None, completed_epochs: int = 0):
-        self.path, self.rows = path, []
-        if path is not None and path.exists():
-            with open(path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= completed_epochs]
-
-    def append(self, row: dict) -> None:
-        """Rewrite the whole (small) file and rename it into place: a kill never cuts a row."""
-        self.rows.append(row)
-        if self.path is None:
-            return
-        with replacing(self.path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
-            writer.writeheader()
-            writer.writerows(self.rows)
 
 
 class Timer:

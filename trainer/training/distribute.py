@@ -10,9 +10,11 @@ import json
 import logging
 import os
 
+import keras
 import tensorflow as tf
 
-from trainer.preflight import nvidia_gpu_present
+from trainer.config.machine import GPU_INSTALL, nvidia_gpu_present
+from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +26,6 @@ def split_cpu(replicas: int) -> None:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
-
-
-GPU_INSTALL = "pip install -e '.[gpu]'  (TensorFlow with its CUDA libraries)"
 
 
 def report_devices() -> list[str]:
@@ -111,6 +110,28 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     task_type, task_id = resolver.task_type, resolver.task_id
     return task_type == "chief" or (task_type == "worker" and task_id == 0 and
                                     "chief" not in resolver.cluster_spec().as_dict())
+
+
+def setup(trainer_cfg, seed: int) -> tuple[tf.distribute.Strategy, bool]:
+    """The run's strategy, its precision policy and seeds; returns (strategy, XLA on?)."""
+    strategy = make_strategy(trainer_cfg.strategy, trainer_cfg.cpu_replicas)
+    replicas = strategy.num_replicas_in_sync
+    if trainer_cfg.batch_size % replicas:
+        raise ConfigError(f"trainer.batch_size={trainer_cfg.batch_size} is not divisible by the "
+                          f"{replicas} replicas of {strategy_name(strategy)}")
+    keras.mixed_precision.set_global_policy(trainer_cfg.precision)
+    keras.utils.set_random_seed(seed)  # Python, NumPy and TensorFlow
+    if trainer_cfg.deterministic:  # slower kernels, bit-identical results
+        tf.config.experimental.enable_op_determinism()
+    return strategy, use_xla(trainer_cfg.jit_compile)
+
+
+def describe(strategy: tf.distribute.Strategy, global_batch: int, precision: str,
+             jit_compile: bool) -> dict:
+    replicas = strategy.num_replicas_in_sync
+    return {"strategy": strategy_name(strategy), "replicas": replicas,
+            "global_batch": global_batch, "per_replica_batch": global_batch // replicas,
+            "precision": precision, "jit_compile": jit_compile}
 
 
 def use_xla(setting) -> bool:

@@ -11,8 +11,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import tensorflow as tf
+
+from trainer.training.stages import layer_decay_factors
 
 
 def scaled_lr(optim_cfg, global_batch: int, lr: float | None = None) -> float:
@@ -194,6 +198,60 @@ def ema_pairs(optimizer: keras.optimizers.Optimizer) -> tuple[list, list] | None
     return inner._trainable_variables, inner._model_variables_moving_average
 
 
+@contextlib.contextmanager
+def ema_swapped(pairs: tuple[list, list] | None):
+    """Inside the block the variables hold their EMA; afterwards their raw values again.
+
+    Keras' public swap is the `SwapEMAWeights` callback, which works only inside `Model.fit`."""
+    if pairs is None:
+        yield
+        return
+    variables, averages = pairs
+    raw = [v.numpy() for v in variables]
+    for v, a in zip(variables, averages):
+        v.assign(a)
+    try:
+        yield
+    finally:
+        for v, value in zip(variables, raw):
+            v.assign(value)
+
+
+def finalize_ema(optimizer: keras.optimizers.Optimizer, pairs: tuple[list, list] | None) -> None:
+    """Load the EMA into the variables for good (final evaluation and export): Keras' own
+    `finalize_variable_values`, on the variables the optimizer was built on."""
+    if pairs is not None:
+        optimizer.finalize_variable_values(pairs[0])
+
+
 def current_lr(optimizer: keras.optimizers.Optimizer) -> float:
     lr = optimizer.learning_rate
     return float(lr.numpy() if hasattr(lr, "numpy") else lr)
+
+
+# --------------------------------------------------------------------------- the run's optimizer
+
+
+def stage_schedules(optim_cfg, schedule_cfg, stages, steps_per_epoch: int, global_batch: int):
+    """One schedule per fine-tuning stage, each restarting at the stage's first step."""
+    schedules = [make_schedule(optim_cfg, schedule_cfg, steps_per_epoch, s.epochs, global_batch,
+                               lr=s.lr) for s in stages]
+    if len(stages) == 1:
+        return schedules[0]
+    return StagedSchedule([s.start_epoch * steps_per_epoch for s in stages], schedules)
+
+
+def make_run_optimizer(optim_cfg, schedule_cfg, stages, steps_per_epoch: int, global_batch: int,
+                       model: keras.Model, precision: str):
+    """The optimizer a run trains with (call inside the strategy's scope), and the learning-rate
+    scale that NaN rollbacks lower. Built on every weight any stage trains (nothing is frozen
+    yet), with loss scaling under mixed_float16."""
+    lr_scale = tf.Variable(1.0, dtype=tf.float32, trainable=False)
+    schedule = ScaledSchedule(
+        stage_schedules(optim_cfg, schedule_cfg, stages, steps_per_epoch, global_batch), lr_scale)
+    optimizer = make_optimizer(optim_cfg, schedule, model,
+                               layer_decay_factors(model, optim_cfg.layer_decay))
+    if precision == "mixed_float16":  # dynamic loss scaling
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    return optimizer, lr_scale

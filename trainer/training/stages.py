@@ -1,4 +1,4 @@
-"""What trains when: fine-tuning stages, the BatchNorm policy, layer-wise lr decay, EMA swaps.
+"""What trains when: fine-tuning stages, the BatchNorm policy, layer-wise lr decay.
 
 A stage sets the trainable set (the whole network or the head only) and the BatchNorm policy
 (`train`, or `frozen`: BN in inference mode with its statistics and affine weights fixed).
@@ -8,13 +8,12 @@ stage boundary (`Loop.reset`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import keras
 
-from trainer.config import Stage
-from trainer.models.weights import find_backbone
+from trainer.config.schema import Stage
+from trainer.models.mobilevit import find_backbone
 
 # The backbone's layer groups from input to output, by layer-name prefix (see models/mobilevit).
 GROUP_ORDER = ("stem", "stage0", "stage1", "stage2", "stage3", "stage4", "final")
@@ -54,27 +53,3 @@ def layer_decay_factors(model: keras.Model, decay: float) -> dict[str, float]:
             depth = len(GROUP_ORDER) - GROUP_ORDER.index(group)
             factors.update({w.path: decay ** depth for w in layer.weights})
     return factors
-
-
-@contextlib.contextmanager
-def ema_swapped(pairs: tuple[list, list] | None):
-    """Inside the block the variables hold their EMA; afterwards their raw values again."""
-    if pairs is None:
-        yield
-        return
-    variables, averages = pairs
-    raw = [v.numpy() for v in variables]
-    for v, a in zip(variables, averages):
-        v.assign(a)
-    try:
-        yield
-    finally:
-        for v, value in zip(variables, raw):
-            v.assign(value)
-
-
-def use_ema(pairs: tuple[list, list] | None) -> None:
-    """Load the EMA into the variables for good (final evaluation and export)."""
-    if pairs is not None:
-        for v, a in zip(*pairs):
-            v.assign(a)

@@ -51,7 +51,7 @@ class StatelessSeed(SeedGenerator):
         return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
 
 
-def _seeded_transformation(layer: keras.layers.Layer, images: tf.Tensor, seed: tf.Tensor):
+def seeded_transformation(layer: keras.layers.Layer, images: tf.Tensor, seed: tf.Tensor):
     """The layer's random draws (and its sub-layers'), made from `seed`."""
     for sub in layer._flatten_layers(include_self=True):
         if hasattr(sub, "generator"):
@@ -61,16 +61,16 @@ def _seeded_transformation(layer: keras.layers.Layer, images: tf.Tensor, seed: t
 
 def _run(layer: keras.layers.Layer, images: tf.Tensor, seed: tf.Tensor, labels=None):
     """Apply a Keras preprocessing layer with draws from `seed`."""
-    transform = _seeded_transformation(layer, images, seed)
+    transform = seeded_transformation(layer, images, seed)
     if isinstance(layer, keras.layers.RandAugment):
-        return _rand_augment(layer, images, transform)
+        return rand_augment(layer, images, transform)
     out = layer.transform_images(images, transform, training=True)
     if labels is None:
         return out
     return out, layer.transform_labels(labels, transform, training=True)
 
 
-def _rand_augment(layer: keras.layers.RandAugment, images: tf.Tensor, transform: dict):
+def rand_augment(layer: keras.layers.RandAugment, images: tf.Tensor, transform: dict):
     """Keras' RandAugment with its own draws and sub-layers, but only the chosen op computed.
 
     Keras runs all 11 ops for each of the N picks and keeps one with `where` (22 image ops per

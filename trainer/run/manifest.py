@@ -14,9 +14,9 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from trainer.atomic import write_json
+from trainer.atomic import write_json, write_text
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 PACKAGES = ("keras", "tensorflow-datasets", "hydra-core",
             "omegaconf", "numpy", "huggingface-hub", "safetensors", "mobilevit-trainer")
 
@@ -50,21 +50,20 @@ def versions() -> dict:
     return found
 
 
-def write_manifest(run_dir: Path, cfg, dataset, strategy_info: dict) -> dict:
+def write_manifest(run_dir: Path, data_info: dict, strategy_info: dict, seed: int,
+                   deterministic: bool, data_splits: dict) -> dict:
     code = code_version()
     diff = code.pop("diff", "")
     if diff:
-        (run_dir / "manifest.diff").write_text(diff)
+        write_text(run_dir / "manifest.diff", diff)
         code["diff_file"] = "manifest.diff"
     manifest = {
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "code": code, "versions": versions(),
         "devices": [d.name for d in tf.config.list_logical_devices()],
         "platform": platform.platform(), "strategy": strategy_info,
-        "seed": cfg.seed, "deterministic": bool(cfg.trainer.deterministic),
-        "data": dataset.info(),
-        "data_splits": {"train": cfg.data.train_split, "val": cfg.data.val_split,
-                        "test": cfg.data.test_split},
+        "seed": seed, "deterministic": bool(deterministic),
+        "data": data_info, "data_splits": dict(data_splits),
     }
     write_json(run_dir / "manifest.json", manifest)
     return manifest

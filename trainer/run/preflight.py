@@ -13,22 +13,17 @@ huggingface_hub's endpoint), read without importing TensorFlow.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
-HUB_REPO = "timm/{name}.cvnets_in1k"  # ImageNet-1k weights of apple/ml-cvnets, in timm's naming
-HUB_FILE = "model.safetensors"
+from trainer.data.files import tfds_advice, tfds_prepared, tfds_urls
+from trainer.errors import PreflightError
+from trainer.models.presets import HUB_FILE, hub_repo, hub_url
+
 PROBE_TIMEOUT_S = 3.0  # DNS, connect and first answer of one probe
-
-
-class PreflightError(RuntimeError):
-    """Something the run needs from outside (a download, a login) is not there; one line."""
 
 
 @dataclass(frozen=True)
@@ -42,48 +37,10 @@ class Need:
 # --------------------------------------------------------------------------- what a run needs
 
 
-def tfds_data_dir(data_dir: str | None) -> Path:
-    """The directory TFDS prepares into: data.data_dir, else $TFDS_DATA_DIR, else its default."""
-    return Path(data_dir or os.environ.get("TFDS_DATA_DIR")
-                or Path.home() / "tensorflow_datasets").expanduser()
-
-
-def tfds_prepared(name: str, data_dir: str | None) -> bool:
-    """A prepared TFDS dataset has `<data_dir>/<name>/[<config>/]<version>/dataset_info.json`."""
-    root = tfds_data_dir(data_dir) / name
-    return any(root.glob("*/dataset_info.json")) or any(root.glob("*/*/dataset_info.json"))
-
-
-def tfds_urls(name: str) -> tuple[str, ...]:
-    """The URLs TFDS downloads for `name`, from the checksum file its package ships."""
-    spec = importlib.util.find_spec("tensorflow_datasets")  # finds the package, imports nothing
-    if spec is None or not spec.submodule_search_locations:
-        return ()
-    package = Path(list(spec.submodule_search_locations)[0])
-    candidates = [package / "url_checksums" / f"{name}.txt",
-                  *package.glob(f"*/{name}/checksums.tsv")]
-    for path in candidates:
-        if path.is_file():
-            return tuple(line.split("\t")[0] for line in path.read_text().splitlines()
-                         if line.strip() and not line.startswith("#"))
-    return ()
-
-
-def tfds_advice(name: str, data_dir: str | None) -> str:
-    """What to do when TFDS `name` cannot be downloaded here."""
-    return (f"where there is internet run `tfds build {name} --data_dir DIR` (or this command), "
-            f"copy DIR here and set data.data_dir=DIR (now {tfds_data_dir(data_dir)})")
-
-
-def hub_url(name: str) -> str:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    return f"{endpoint}/{HUB_REPO.format(name=name)}/resolve/main/{HUB_FILE}"
-
-
 def hub_cached(name: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(HUB_REPO.format(name=name), HUB_FILE), str)
+    return isinstance(try_to_load_from_cache(hub_repo(name), HUB_FILE), str)
 
 
 def needs(data_cfg, model_cfg) -> list[Need]:
@@ -153,15 +110,6 @@ def check_downloads(configs: list[tuple]) -> None:
             failures.append(f"cannot download {need.what}: {url} ({reason}); {need.advice}")
     if failures:
         raise PreflightError(" | ".join(failures))
-
-
-# --------------------------------------------------------------------------- this machine
-
-
-def nvidia_gpu_present(device: str = "/dev/nvidia0") -> bool:
-    """Whether the machine has an NVIDIA GPU, as its driver shows it (device node, nvidia-smi);
-    known without TensorFlow, which may not see it (a CPU-only build, missing CUDA libraries)."""
-    return Path(device).exists() or shutil.which("nvidia-smi") is not None
 
 
 # --------------------------------------------------------------------------- credentials

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from trainer.policies import BatchMix, ImagePolicy
+from trainer.data.augmentation import BatchMix, ImagePolicy
 
 
 def to_float(image: tf.Tensor) -> tf.Tensor:

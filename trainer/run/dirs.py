@@ -3,12 +3,17 @@
 - `claim` (the `unique_dir` resolver of the default `hydra.run.dir`): two runs started in the
   same second get two directories; `os.mkdir` is the atomic test-and-set.
 - `resume_argv`: `resume=RUN_DIR` becomes that run's own overrides plus `hydra.run.dir=RUN_DIR`.
-- `check_unchanged`: resuming with another model, data or optimizer config is refused.
-- `check_free_space`, `clean_stale`: before training, not after hours of it.
+- `open_run`: before training, not after hours of it: the directory is writable, a resumed run
+  keeps its config, a finished run is not trained again, what a killed process left is tidied.
+- `check_free_space`: enough disk for the checkpoints and exports.
+- `non_chief_worker`: only the chief of a cluster writes the run directory.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
 import os
 import re
 import shutil
@@ -16,7 +21,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from trainer.config import ConfigError
+from trainer.atomic import replacing
+from trainer.config.compose import flatten
+from trainer.errors import ConfigError
+from trainer.run.finished import finished_metrics
+
+log = logging.getLogger(__name__)
 
 # Set by trainer/__main__.py for a non-chief worker: the chief's run directory, read to resume.
 SHARED_RUN_DIR_ENV = "MOBILEVIT_SHARED_RUN_DIR"
@@ -70,19 +80,8 @@ def resume_argv(argv: list[str]) -> list[str]:
 GUARDED = ("model", "data", "aug", "optim", "schedule", "finetune", "trainer.batch_size", "seed")
 
 
-def _flatten(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 def _section(cfg, key: str) -> dict:
-    node = OmegaConf.select(cfg, key)
-    value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-    return _flatten(value, f"{key}.")
+    return flatten(OmegaConf.select(cfg, key), f"{key}.")
 
 
 def config_changes(saved, cfg) -> list[str]:
@@ -108,6 +107,65 @@ def check_unchanged(run_dir: Path, cfg) -> None:
                           f"trainer.allow_config_change=true")
 
 
+def check_writable(run_dir: Path) -> None:
+    """Fail before training if the run directory cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"hydra.run.dir={str(run_dir)!r} is not writable: {e.strerror}") from None
+
+
+def state_dir(run_dir: Path) -> Path:
+    """Where an earlier attempt of this run left its state (the chief's directory, for workers)."""
+    return Path(os.environ.get(SHARED_RUN_DIR_ENV) or run_dir)
+
+
+def open_run(run_dir: Path, cfg) -> dict | None:
+    """Make the run directory ready to train in; returns the metrics if the run is finished."""
+    check_writable(run_dir)
+    if (state_dir(run_dir) / "checkpoints" / "last" / "checkpoint").is_file():
+        check_unchanged(state_dir(run_dir), cfg)
+    finished = finished_metrics(run_dir, cfg.trainer.epochs)
+    if finished is not None:
+        log.info("%s already holds this finished run: nothing to do", run_dir)
+        return finished
+    for path in clean_stale(run_dir):
+        log.info("removed %s, left by a killed process", path)
+    return None
+
+
+def record_start(work_dir: Path, cfg, run_info: dict) -> None:
+    """config.yaml (resolved: evaluate, export and resume rebuild the run from it) and run.json
+    (strategy, replicas, batch, precision)."""
+    with replacing(work_dir / "config.yaml") as tmp:
+        OmegaConf.save(cfg, tmp, resolve=True)
+    with replacing(work_dir / "run.json") as tmp:
+        tmp.write_text(json.dumps(run_info, indent=2, default=str) + "\n")
+
+
+def non_chief_worker() -> bool:
+    """From TF_CONFIG: is this process a worker other than the chief of a cluster?"""
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    task, cluster = tf_config.get("task", {}), tf_config.get("cluster", {})
+    if not task or not cluster:
+        return False
+    if "chief" in cluster:
+        return task.get("type") != "chief"
+    return not (task.get("type") == "worker" and int(task.get("index", 0)) == 0)
+
+
+def write_skipped_report(skipped: list[tuple[str, str]], path: Path) -> None:
+    """skipped_files.csv: every file the data stage could not use, and why."""
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "reason"])
+        writer.writerows(skipped)
+    log.warning("%d file(s) skipped as unusable; see %s", len(skipped), path)
+
+
 def checkpoint_bytes(num_params: int, optimizer_slots: int) -> int:
     """Disk a run needs: 3 checkpoints (2 last + best) and one being written, plus the exports."""
     checkpoint = num_params * 4 * (1 + optimizer_slots)
@@ -123,7 +181,7 @@ def check_free_space(run_dir: Path, needed: int) -> None:
 
 
 # Ours: ".<name>.tmp-<pid>..." being written and ".<name>.old-<pid>" being replaced
-# (export.atomic_dir, trainer/atomic.py); TensorFlow's: "checkpoints/*/<prefix>_temp/".
+# (trainer/atomic.py); TensorFlow's: "checkpoints/*/<prefix>_temp/".
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
 
 

@@ -8,34 +8,43 @@ is finished (with a failure exit code) even when training raises.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import uuid
 from pathlib import Path
 
 import tensorflow as tf
-from omegaconf import OmegaConf
 
-from trainer.atomic import write_text
-
-from trainer.curves import plot_curves
-from trainer.loop import History
+from trainer.atomic import replacing, write_text
+from trainer.run.curves import plot_curves
 
 log = logging.getLogger(__name__)
 
 
-def flat_config(cfg) -> dict:
-    """{"optim.lr": 0.001, ...}: how sweeps compare runs in wandb's table."""
-    out = {}
+class History:
+    """Per-epoch rows appended to history.csv (one row per finished epoch).
 
-    def walk(node, prefix):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                out[f"{prefix}{key}"] = value
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return out
+    On resume, rows of epochs after the restored checkpoint are dropped, so that every epoch
+    appears exactly once.
+    """
+
+    def __init__(self, path: Path | None, completed_epochs: int = 0):
+        self.path, self.rows = path, []
+        if path is not None and path.exists():
+            with open(path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= completed_epochs]
+
+    def append(self, row: dict) -> None:
+        """Rewrite the whole (small) file and rename it into place: a kill never cuts a row."""
+        self.rows.append(row)
+        if self.path is None:
+            return
+        with replacing(self.path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+
 
 
 def sweep_group() -> str | None:
@@ -62,15 +71,15 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-def start_wandb(cfg, run_dir: Path):
+def start_wandb(lc, config: dict, run_dir: Path):
+    """A wandb run for `logger` config `lc`, logging the run's flattened `config`."""
     import wandb
 
-    lc = cfg.logger
     run_id = wandb_run_id(run_dir)
     try:
         return wandb.init(project=lc.project, entity=lc.entity, group=lc.group or sweep_group(),
                           tags=list(lc.tags), name=run_dir.name, id=run_id, resume="allow",
-                          dir=str(run_dir), mode=lc.mode, config=flat_config(cfg))
+                          dir=str(run_dir), mode=lc.mode, config=config)
     except Exception as e:
         # A shared wandb-core (WANDB_SERVICE, inherited from a parent process) still holds the
         # stream of a killed attempt of this run: say so, rather than wandb's bare message.
@@ -85,14 +94,17 @@ def start_wandb(cfg, run_dir: Path):
 class EpochLoggers:
     """`with EpochLoggers(...) as loggers:` log each epoch; wandb is finished on the way out."""
 
-    def __init__(self, cfg, run_dir: Path, chief: bool, completed_epochs: int):
+    def __init__(self, logger_cfg, config: dict, run_dir: Path, chief: bool,
+                 completed_epochs: int):
+        """`config`: the run's flattened config ({"optim.lr": 0.001, ...}), wandb's run config."""
         self.run_dir, self.chief = run_dir, chief
         self.history = History(run_dir / "history.csv" if chief else None, completed_epochs)
         self.writer = (tf.summary.create_file_writer(str(run_dir / "tensorboard"))
-                       if chief and cfg.logger.tensorboard else None)
-        self.wandb = start_wandb(cfg, run_dir) if chief and cfg.logger.name == "wandb" else None
+                       if chief and logger_cfg.tensorboard else None)
+        self.wandb = (start_wandb(logger_cfg, config, run_dir)
+                      if chief and logger_cfg.name == "wandb" else None)
 
-    def __enter__(self) -> "EpochLoggers":
+    def __enter__(self) -> EpochLoggers:
         return self
 
     def log_epoch(self, row: dict) -> None:

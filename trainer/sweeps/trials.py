@@ -8,10 +8,10 @@ takes for the trainer's own resume logic to do the rest:
   `hydra.sweep.dir` is given), so the same command finds the same directory;
 - each trial directory is `<sweep dir>/<hash of the trial's resolved config>`, minus the run-time
   keys below, so the same trial finds the same directory: a finished one (metrics.json) is
-  skipped, an interrupted one resumes from its checkpoints (trainer/train.py).
+  skipped, an interrupted one resumes from its checkpoints (trainer/training/train.py).
 
 A failing trial writes `failed.json` (the error) and the sweep goes on; `summary.md` / `.csv` are
-written when the sweep ends (`SweepSummary`, a Hydra callback).
+written when the sweep ends (`sweeps/summary.py`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.atomic import write_json
+from trainer.config.compose import flatten
+from trainer.errors import Preempted
+from trainer.run.finished import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +54,8 @@ def trial_key(cfg: DictConfig) -> str:
     # Resolved without the hydra node: that node holds the directory being named (recursion).
     plain = OmegaConf.to_container(cfg, resolve=False)
     plain.pop("hydra", None)
-    resolved = OmegaConf.to_container(OmegaConf.create(plain), resolve=True)
-
-    def strip(node: Any, prefix: str = "") -> Any:
-        if isinstance(node, dict):
-            return {k: strip(v, f"{prefix}{k}.") for k, v in node.items()
-                    if not _runtime(f"{prefix}{k}")}
-        return node
-    return _digest(strip(resolved))
+    leaves = flatten(OmegaConf.create(plain))
+    return _digest({k: v for k, v in leaves.items() if not _runtime(k)})
 
 
 def sweep_dir_for(argv: list[str]) -> str:
@@ -98,20 +94,38 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
         "traceback": traceback.format_exception(type(error), error, error.__traceback__)[-6:]})
 
 
+def trial_status(run_dir: Path) -> tuple[str, dict]:
+    """`finished` (metrics.json, written last; with the metrics), `failed` (failed.json; with the
+    error), `interrupted` (checkpoints but neither: the same command resumes it), `not started`."""
+    if (run_dir / METRICS_FILE).is_file():
+        return "finished", json.loads((run_dir / METRICS_FILE).read_text())
+    if (run_dir / FAILED_FILE).is_file():
+        return "failed", json.loads((run_dir / FAILED_FILE).read_text())
+    if any((run_dir / "checkpoints" / "last").glob("ckpt-*.index")):
+        return "interrupted", {}
+    return "not started", {}
+
+
 class TrialFailed(Exception):
     """Raised for an Optuna trial, which the sweeper then records as FAIL and goes on."""
 
 
-class SweepSummary(Callback):
-    """At the end of a multirun: write and print the summary table, say what failed."""
+def run_trial(train, cfg: DictConfig, run_dir: Path) -> float:
+    """One trial of a sweep, `train(cfg, run_dir)`: a failure is recorded (failed.json) and the
+    sweep goes on; SIGTERM or Ctrl-C (`Preempted`) stops the whole sweep, which the same command
+    resumes."""
+    import keras
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from trainer.summarize import write_summary
-
-        sweep_dir = Path(config.hydra.sweep.dir)
-        rows = write_summary(sweep_dir)
-        failed = [r for r in rows if r["status"] != "finished"]
-        log.info("sweep %s: %d trial(s), %d finished; summary in %s", sweep_dir, len(rows),
-                 len(rows) - len(failed), sweep_dir / "summary.md")
-        for row in failed:
-            log.warning("trial %s %s: %s", row["trial"], row["status"], row.get("error") or "")
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)  # a re-run tries it again
+    keras.backend.clear_session()  # nothing of the previous in-process trial is kept
+    try:
+        return train(cfg, run_dir)["val_accuracy"]
+    except Preempted:
+        raise
+    except Exception as e:
+        record_failure(run_dir, e)
+        log.error("trial %s failed: %s: %s (recorded in %s; the sweep goes on)", run_dir.name,
+                  type(e).__name__, e, run_dir / FAILED_FILE)
+        if optuna_sweep():  # Optuna's sweeper records a raising trial as FAIL
+            raise TrialFailed(f"{type(e).__name__}: {e}") from None
+        return float("nan")  # Hydra's basic sweeper ignores the value

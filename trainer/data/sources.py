@@ -7,7 +7,6 @@ Class names and counts always come from the data, never from the config.
 
 from __future__ import annotations
 
-import csv
 import logging
 import zlib
 from dataclasses import dataclass, field, replace
@@ -16,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from trainer.data.files import IMAGE_SUFFIXES
+from trainer.errors import DataError
+
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -40,10 +41,6 @@ class Dataset:
         return {"name": self.name, "version": self.version, "num_classes": self.num_classes,
                 "class_names": self.class_names, "counts": self.counts,
                 "skipped_files": len(self.skipped)}
-
-
-class DataError(ValueError):
-    """Data that cannot be used; the message names the dataset, split or path."""
 
 
 # --------------------------------------------------------------------------- splitting
@@ -106,7 +103,7 @@ def load_tfds(cfg) -> Dataset:
                              download=cfg.download, shuffle_files=False, decoders=decoders,
                              with_info=True)
         except Exception as e:
-            raise DataError(_tfds_failure(cfg, split, e)) from None
+            raise DataError(tfds_failure(cfg, split, e)) from None
 
     def pairs(ds: tf.data.Dataset) -> tf.data.Dataset:
         return ds.map(lambda e: (e["image"], tf.cast(e["label"], tf.int64)))
@@ -136,12 +133,12 @@ def load_tfds(cfg) -> Dataset:
     return Dataset(cfg.tfds_name, class_names, splits, counts, version=str(info.version))
 
 
-def _tfds_failure(cfg, split: str, e: Exception) -> str:
+def tfds_failure(cfg, split: str, e: Exception) -> str:
     """One line saying what actually failed when TFDS could not load or prepare a split."""
     import requests
     import tensorflow_datasets as tfds
 
-    from trainer.preflight import tfds_advice
+    from trainer.data.files import tfds_advice
 
     name = cfg.tfds_name
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -199,7 +196,7 @@ def _scan_classes(root: Path, on_error: str, skipped: list) -> dict[str, list[Pa
     return classes
 
 
-def _decode_with_pillow(path: bytes) -> np.ndarray:
+def decode_with_pillow(path: bytes) -> np.ndarray:
     """Any Pillow-readable file (CMYK, 16-bit, palette, alpha, WebP, TIFF...) -> RGB uint8.
 
     Alpha is dropped (as the exported models' decoders do); 16-bit grey is scaled to 8 bits,
@@ -216,7 +213,7 @@ def _decode_with_pillow(path: bytes) -> np.ndarray:
 
 def _file_dataset(files: list[Path], labels: list[int]) -> tf.data.Dataset:
     def load(path, label):
-        image = tf.numpy_function(_decode_with_pillow, [path], tf.uint8, stateful=False)
+        image = tf.numpy_function(decode_with_pillow, [path], tf.uint8, stateful=False)
         image.set_shape([None, None, 3])
         return image, label
 
@@ -331,10 +328,3 @@ def load_dataset(cfg) -> Dataset:
         if dataset.counts.get(split, 0) == 0:
             raise DataError(f"data {dataset.name!r}: the {split} split is empty")
     return dataset
-
-
-def write_skipped_report(dataset: Dataset, path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "reason"])
-        writer.writerows(dataset.skipped)

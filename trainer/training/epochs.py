@@ -1,0 +1,77 @@
+"""The epochs of a run: stage switches, one pass of training, validation, checkpoints, and what
+happens when the loss turns non-finite (stop, or roll back and lower the learning rate) or a
+signal arrives (checkpoint, then `Preempted`)."""
+
+from __future__ import annotations
+
+import logging
+
+import tensorflow as tf
+
+from trainer.errors import NonFiniteLoss, Preempted
+from trainer.run.loggers import EpochLoggers
+from trainer.training import stages as stage_lib
+from trainer.training.loop import Loop, Timer, preemption_handler
+from trainer.training.optim import current_lr, ema_swapped
+from trainer.training.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+def train_epochs(loop: Loop, state: TrainState, stages: list, epoch_data, trainer_cfg,
+                 steps_per_epoch: int, val_ds: tf.data.Dataset, ema, loggers: EpochLoggers,
+                 chief: bool) -> dict:
+    """Train from the state's position to `trainer.epochs`; returns how it went.
+
+    `epoch_data(epoch, skip_batches)` is the distributed training iterator of an epoch.
+    """
+    t, every = trainer_cfg, trainer_cfg.checkpoint_every_steps
+    rollbacks, stage = 0, None
+
+    def on_step(step: int, totals: dict) -> None:
+        # Read once: a signal that arrives during this call is handled after the next step.
+        requested = preemption.requested
+        if (every and step % every == 0) or requested:
+            state.save_last(step, totals)
+        else:
+            state.step.assign(step)
+        if requested:
+            raise Preempted(requested, state.iterations, state.last.latest_checkpoint)
+
+    with Timer() as train_time, preemption_handler() as preemption:
+        while (epoch := int(state.epoch.numpy())) < t.epochs:
+            if stage_lib.stage_at(stages, epoch) != stage:
+                stage = stage_lib.stage_at(stages, epoch)
+                trains = stage_lib.apply_stage(loop.model, stage)
+                loop.reset()  # a traced step would keep the old trainable set
+                log.info("stage %r from epoch %d: %s", stage.name, epoch + 1, trains)
+            start_step = int(state.step.numpy())
+            with Timer() as epoch_time:
+                try:
+                    row = loop.train_epoch(epoch_data(epoch, start_step), steps_per_epoch, epoch,
+                                           t.epochs, chief, start_step, state.resumed_totals(),
+                                           on_step)
+                except NonFiniteLoss as e:
+                    if t.on_nan == "rollback" and rollbacks < t.max_rollbacks:
+                        rollbacks += 1
+                        good = state.roll_back(t.nan_lr_factor)
+                        log.warning("%s: rolled back to %s, learning rate x%g (rollback %d of %d)",
+                                    e, good, float(state.lr_scale.numpy()), rollbacks,
+                                    t.max_rollbacks)
+                        continue
+                    raise NonFiniteLoss(
+                        f"{e}; the last good checkpoint is {state.last.latest_checkpoint}, left "
+                        f"intact" + (f" ({rollbacks} rollback(s) did not help)" if rollbacks
+                                     else "")) from None
+                with ema_swapped(ema):  # validate (and choose the best by) the EMA
+                    row.update(loop.evaluate(val_ds, t.eval_steps, "val_"))
+            row = {"epoch": epoch + 1, **row, "lr": round(current_lr(loop.optimizer), 8),
+                   "seconds": round(epoch_time.seconds, 2)}
+            loggers.log_epoch(row)
+            log.info("epoch %d: %s", epoch + 1,
+                     {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+            state.end_epoch(epoch, row["val_accuracy"])
+            if preemption.requested:  # it came during validation: the epoch is saved
+                raise Preempted(preemption.requested, state.iterations,
+                                state.last.latest_checkpoint)
+    return {"train_seconds": round(train_time.seconds, 2), "nan_rollbacks": rollbacks}
