@@ -7,6 +7,7 @@ must be one line that names the key and what is allowed, with exit status 2, and
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -42,7 +43,7 @@ def compose_config(overrides: Iterable[str] = (), config_name: str = "config",
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """{"optim.lr": 0.001, ...}: every leaf of a config (or plain dict) by its dotted key."""
     if OmegaConf.is_config(node):
-        node = OmegaConf.to_container(node, resolve=True)
+        node = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
     if not isinstance(node, dict):
         return {prefix[:-1]: node}
     out: dict[str, Any] = {}
@@ -118,6 +119,9 @@ def _allowed_keys(full_key: str) -> str:
     return ", ".join(sorted(node.keys())) if node is not None and hasattr(node, "keys") else ""
 
 
+_INVALID_CHOICE = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]")
+
+
 def one_line(error: Exception) -> str:
     """Turn Hydra / OmegaConf composition errors into one line naming the key."""
     chain, e = [], error
@@ -132,6 +136,10 @@ def one_line(error: Exception) -> str:
             allowed = _allowed_keys(full_key)
             return f"unknown key '{full_key}'" + (f"; allowed keys here: {allowed}" if allowed else "")
         if full_key and type(e).__name__ == "ValidationError":
+            choice = _INVALID_CHOICE.match(msg)  # an enum field of the schema
+            if choice:
+                value, allowed = choice.groups()
+                return f"{full_key}={value!r} is not allowed; choose one of {allowed}"
             return f"{full_key}: {msg}"
         if full_key and type(e).__name__ == "MissingMandatoryValue":
             return f"{full_key} is missing: it must be set"

@@ -8,6 +8,7 @@ before TensorFlow is imported (see `trainer/__main__.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -15,24 +16,38 @@ from hydra.core.config_store import ConfigStore
 from trainer.errors import ConfigError
 from trainer.models.presets import MODEL_NAMES
 
-MODELS = MODEL_NAMES
-SOURCES = ("tfds", "folder", "digits")
-AUGS = ("none", "basic", "randaugment", "strong")
-OPTIMIZERS = ("adamw", "sgd", "lamb", "lion")
-SCHEDULES = ("cosine", "step", "constant")
-BN_POLICIES = ("train", "frozen")
-TRAINABLE = ("all", "head")
-STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-LOGGERS = ("csv", "wandb")
+
+def _choice(name: str, *values: str) -> type[StrEnum]:
+    """The allowed values of a field: OmegaConf checks them while composing (and names the key);
+    a StrEnum member compares, formats and serialises as its string."""
+    return StrEnum(name, [(v, v) for v in values])
+
+
+ModelName = _choice("ModelName", *MODEL_NAMES)
+CheckpointFormat = _choice("CheckpointFormat", "timm", "hf")
+Source = _choice("Source", "tfds", "folder", "digits")
+OnError = _choice("OnError", "skip", "fail")
+AugName = _choice("AugName", "none", "basic", "randaugment", "strong")
+OptimName = _choice("OptimName", "adamw", "sgd", "lamb", "lion")
+LrScaling = _choice("LrScaling", "none", "linear", "sqrt")
+ScheduleName = _choice("ScheduleName", "cosine", "step", "constant")
+BNPolicy = _choice("BNPolicy", "train", "frozen")
+Trainable = _choice("Trainable", "all", "head")
+Strategy = _choice("Strategy", "auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+Precision = _choice("Precision", "float32", "mixed_float16", "mixed_bfloat16")
+OnNaN = _choice("OnNaN", "stop", "rollback")
+LiteRTVariant = _choice("LiteRTVariant", "float32", "float16", "dynamic_int8", "int8")
+LoggerName = _choice("LoggerName", "csv", "wandb")
+LoggerMode = _choice("LoggerMode", "online", "offline", "disabled")
+RecipeSource = _choice("RecipeSource", "none", "measured", "target")
 TOP_K = 5  # top-k accuracy in training and evaluation, the top-k outputs of the export
 
 
 @dataclass
 class ModelConfig:
-    name: str = "mobilevit_xxs"
+    name: ModelName = ModelName.mobilevit_xxs
     pretrained: str = "imagenet"  # imagenet | none | a checkpoint file | a run directory
-    checkpoint_format: Optional[str] = None  # timm | hf (default: detected from the keys)
+    checkpoint_format: Optional[CheckpointFormat] = None  # timm | hf (default: detected from the keys)
     head_dropout: float = 0.1
     dropout: float = 0.0  # transformer dropout
     drop_path_rate: float = 0.0
@@ -43,7 +58,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "digits"
-    source: str = "digits"  # tfds | folder | digits
+    source: Source = Source.digits
     tfds_name: Optional[str] = None
     data_dir: Optional[str] = None  # TFDS data directory (default: TFDS' own)
     download: bool = True
@@ -57,14 +72,14 @@ class DataConfig:
     image_size: int = 256
     crop_pct: float = 0.9  # eval: resize the short side to size / crop_pct, centre-crop
     shuffle_buffer: int = 2048
-    on_error: str = "skip"  # folder: skip | fail on undecodable files
+    on_error: OnError = OnError.skip  # folder: skip or fail on undecodable files
     classes: Optional[List[str]] = None  # keep only these classes (relabelled 0..k-1, this order)
     train_per_class: int = 0  # > 0: a few labels per class (a seeded, stratified subset of train)
 
 
 @dataclass
 class AugConfig:
-    name: str = "basic"
+    name: AugName = AugName.basic
     random_resized_crop: bool = True
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: List[float] = field(default_factory=lambda: [0.75, 4 / 3])
@@ -82,13 +97,13 @@ class AugConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: OptimName = OptimName.adamw
     lr: float = 1e-3
     weight_decay: float = 0.05
     momentum: float = 0.9  # sgd
     label_smoothing: float = 0.1
     clip_norm: Optional[float] = None
-    lr_scaling: str = "none"  # none | linear | sqrt: lr * (global batch / base_batch_size)^p
+    lr_scaling: LrScaling = LrScaling.none  # lr * (global batch / base_batch_size)^p
     base_batch_size: int = 256
     layer_decay: float = 1.0  # lr x decay^(depth from the head) per backbone stage; 1: off
     ema_decay: float = 0.0  # > 0: keep an EMA of the weights; evaluate, choose and export it
@@ -96,7 +111,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"
+    name: ScheduleName = ScheduleName.cosine
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.0  # cosine: decays to min_lr_ratio * lr
     decay_epochs: List[float] = field(default_factory=lambda: [30.0, 60.0, 90.0])  # step
@@ -108,14 +123,14 @@ class StageConfig:
     name: str = "stage"
     epochs: Optional[int] = None  # None (last stage only): the rest of trainer.epochs
     lr: Optional[float] = None  # peak lr of this stage (default optim.lr); schedule restarts
-    train: str = "all"  # all | head
-    bn: Optional[str] = None  # train | frozen (default finetune.bn)
+    train: Trainable = Trainable.all
+    bn: Optional[BNPolicy] = None  # default: finetune.bn
 
 
 @dataclass
 class FinetuneConfig:
     name: str = "full"
-    bn: str = "train"  # train | frozen: BN in inference mode, statistics and affine fixed
+    bn: BNPolicy = BNPolicy.train  # frozen: BN in inference mode, statistics and affine fixed
     stages: List[StageConfig] = field(default_factory=list)  # empty: one stage, whole network
 
 
@@ -125,15 +140,15 @@ class TrainerConfig:
     batch_size: int = 64  # global batch, split across replicas
     steps_per_epoch: Optional[int] = None  # cap per epoch (default: one pass over train)
     eval_steps: Optional[int] = None  # cap on evaluation batches (default: the whole split)
-    strategy: str = "auto"
+    strategy: Strategy = Strategy.auto
     cpu_replicas: int = 0  # > 1 splits the CPU into logical devices (multi-replica on CPU)
-    precision: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16
+    precision: Precision = Precision.float32
     jit_compile: str = "auto"  # auto (XLA on GPU/TPU) | true | false
     log_every_steps: int = 0  # > 0: log the loss of every N-th step
     checkpoint_every_steps: int = 0  # > 0: also checkpoint every N steps inside an epoch
     keep_checkpoints: int = 2  # the newest N under checkpoints/last (best: always 1)
     export: bool = True
-    on_nan: str = "stop"  # stop | rollback: restore the last checkpoint, lr *= nan_lr_factor
+    on_nan: OnNaN = OnNaN.stop  # rollback: restore the last checkpoint, lr *= nan_lr_factor
     nan_lr_factor: float = 0.1
     max_rollbacks: int = 3
     allow_config_change: bool = False  # resume a run directory under a changed config
@@ -142,16 +157,16 @@ class TrainerConfig:
 
 @dataclass
 class ExportConfig:
-    litert: List[str] = field(default_factory=list)  # float32 | float16 | dynamic_int8 | int8
+    litert: List[LiteRTVariant] = field(default_factory=list)
     calibration_images: int = 128  # training images that calibrate full int8
     check_images: int = 64  # validation images for the LiteRT agreement checks
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "csv"  # csv (history.csv + TensorBoard) | wandb (the same, plus wandb)
+    name: LoggerName = LoggerName.csv  # csv: history.csv + TensorBoard; wandb: also wandb
     tensorboard: bool = True
-    mode: str = "online"  # wandb: online | offline | disabled
+    mode: LoggerMode = LoggerMode.online  # wandb's mode
     project: str = "mobilevit-trainer"
     entity: Optional[str] = None
     group: Optional[str] = None  # default: the multirun's sweep directory name
@@ -165,7 +180,8 @@ class RecipeConfig:
     metric: str = "val_accuracy"  # a key of metrics.json
     expected: Optional[float] = None
     tolerance: float = 0.0  # |measured - expected| <= tolerance passes
-    source: str = "none"  # measured (on the hardware the header names) | target (not yet measured)
+    source: RecipeSource = RecipeSource.none  # measured (on the hardware the header names) or
+    # target (not yet measured)
     # Override key -> recipe whose run directory it takes, run first by trainer.reproduce
     # (e.g. model.pretrained: digits_0to4_pretrain).
     requires: Dict[str, str] = field(default_factory=dict)

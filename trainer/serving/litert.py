@@ -16,10 +16,11 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.atomic import write_bytes
+from trainer.config.schema import LiteRTVariant
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("float32", "float16", "dynamic_int8", "int8")
+VARIANTS = tuple(LiteRTVariant)  # the config's choices
 FLOAT_BAR = 1e-4  # max |diff| of probabilities
 INT8_BAR = 0.98  # top-1 agreement
 
@@ -57,7 +58,7 @@ def _configure(converter, variant: str, calibration):
         # Integer kernels for every op; float input and output for the caller's convenience.
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     elif variant != "float32":
-        raise ValueError(f"LiteRT variant {variant!r} is not one of {VARIANTS}")
+        raise ValueError(f"LiteRT variant {variant!r} is not one of {', '.join(VARIANTS)}")
     return converter
 
 

@@ -52,7 +52,7 @@ def _runtime(key: str) -> bool:
 def trial_key(cfg: DictConfig) -> str:
     """Hash of the resolved config without the run-time keys."""
     # Resolved without the hydra node: that node holds the directory being named (recursion).
-    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
     plain.pop("hydra", None)
     leaves = flatten(OmegaConf.create(plain))
     return _digest({k: v for k, v in leaves.items() if not _runtime(k)})

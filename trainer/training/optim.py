@@ -16,6 +16,7 @@ import contextlib
 import keras
 import tensorflow as tf
 
+from trainer.config.schema import OptimName
 from trainer.training.stages import layer_decay_factors
 
 
@@ -130,8 +131,8 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 # --------------------------------------------------------------------------- optimizers
 
-OPTIMIZERS = {"adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD,
-              "lamb": keras.optimizers.Lamb, "lion": keras.optimizers.Lion}
+OPTIMIZERS = {OptimName.adamw: keras.optimizers.AdamW, OptimName.sgd: keras.optimizers.SGD,
+              OptimName.lamb: keras.optimizers.Lamb, OptimName.lion: keras.optimizers.Lion}
 
 
 class LayerDecay:
