@@ -40,18 +40,12 @@ def make_jpegs(root: Path, count: int, classes: int = 4) -> Path:
 
 
 def pipeline_rate(folder: Path, aug: str, size: int, batch: int, batches: int) -> float:
-    from hydra import compose, initialize_config_dir
-
-    from trainer.config.compose import CONF_DIR, searchpath_override
-    from trainer.config.schema import register
+    from trainer.config.compose import compose_config
     from trainer.data import pipeline as augment
     from trainer.data import sources as data
 
-    register()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["data=folder", f"data.path={folder}", f"aug={aug}",
-                                           f"data.image_size={size}", "data.val_fraction=0.05",
-                                           *searchpath_override([])])
+    cfg = compose_config(["data=folder", f"data.path={folder}", f"aug={aug}",
+                          f"data.image_size={size}", "data.val_fraction=0.05"])
     dataset = data.load_dataset(cfg.data)
     ds = augment.train_pipeline(dataset.splits["train"], cfg.data, cfg.aug, batch, cfg.seed,
                                 num_classes=dataset.num_classes)

@@ -25,7 +25,7 @@ def _own_wandb_service(monkeypatch):
 
 
 # --------------------------------------------------------------------------- the option matrix
-# tests/test_matrix.py writes one JSON file per case into MATRIX_RESULTS (set here, in the
+# tests/system/test_matrix.py writes one JSON file per case into MATRIX_RESULTS (set here, in the
 # controlling process, before pytest-xdist starts its workers, which inherit it); the table of
 # cases and results is printed at the end of the session.
 

@@ -5,20 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from hydra import compose, initialize_config_dir
 
-from trainer.config.compose import CONF_DIR, searchpath_override
-from trainer.config.schema import register
+from trainer.config.compose import compose_config
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 TINY = ["model.pretrained=none", "data.image_size=32", "trainer.epochs=1",
         "trainer.steps_per_epoch=2", "trainer.batch_size=8", "trainer.eval_steps=2",
         "data.shuffle_buffer=16", "logger.tensorboard=false"]
 
 
 def tiny_cfg(*overrides: str):
-    register()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=[*TINY, *overrides, *searchpath_override([])])
+    """The config `python -m trainer` composes, shrunk to a few steps of tiny images."""
+    return compose_config([*TINY, *overrides])
 
 
 def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 6,

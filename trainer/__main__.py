@@ -16,10 +16,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from trainer.config import compose, schema
-from trainer.config.recipes import recipe_names
+from trainer.config import compose
 from trainer.errors import (
     INTERRUPTED_EXIT,
     NON_FINITE_EXIT,
@@ -39,12 +38,11 @@ log = logging.getLogger("trainer")
 
 
 def register() -> None:
-    """The config schema and the resolvers of the run and trial directories' names."""
-    schema.register()
+    """The config schema, the recipes' search path and the resolvers of the run and trial
+    directories' names."""
+    compose.register()
     dirs.register_resolver()
     trials.register_resolver()
-    if not OmegaConf.has_resolver("recipes"):  # listed by --help, which does not see recipes/
-        OmegaConf.register_new_resolver("recipes", lambda: ", ".join(recipe_names()))
 
 
 register()  # also in a launcher's worker process, which resolves the trial directory's name
@@ -88,13 +86,13 @@ def app(cfg: DictConfig) -> float:
 
 
 def _hydra_argv(argv: list[str]) -> list[str]:
-    """The arguments Hydra gets: the recipes' search path and a sweep's content-named directory
-    first (Hydra takes no overrides after a flag like --cfg, nor on both sides of -m)."""
+    """The arguments Hydra gets: a sweep's content-named directory first (Hydra takes no
+    overrides after a flag like --cfg, nor on both sides of -m)."""
     multirun = [a for a in argv if a in ("-m", "--multirun")]
-    extra = compose.searchpath_override(argv)
+    sweep_dir = []  # the same command resumes the same sweep
     if multirun and not any(a.startswith("hydra.sweep.dir=") for a in argv):
-        extra.append(f"hydra.sweep.dir={trials.sweep_dir_for(argv)}")  # resumes the same sweep
-    argv = multirun + extra + [a for a in argv if a not in multirun]
+        sweep_dir = [f"hydra.sweep.dir={trials.sweep_dir_for(argv)}"]
+    argv = multirun + sweep_dir + [a for a in argv if a not in multirun]
     if dirs.non_chief_worker():
         # Only the chief writes the run directory; Hydra would create one per process, so
         # other workers get a scratch directory and no .hydra/ output.

@@ -12,10 +12,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config.schema import Config, register
+from trainer.config import schema
+from trainer.config.schema import Config
 from trainer.config.validate import validate
 from trainer.errors import ConfigError
 
@@ -24,20 +28,30 @@ CONF_DIR = str(ROOT / "conf")
 RECIPES_DIR = ROOT / "recipes"
 
 
-def searchpath_override(argv: list[str]) -> list[str]:
-    """recipes/ on the config search path, wherever the command runs (unless set by the user)."""
-    if any(a.lstrip("+").startswith("hydra.searchpath") for a in argv):
-        return []
-    return [f"hydra.searchpath=[file://{RECIPES_DIR}]"]
+class RecipesSearchPath(SearchPathPlugin):
+    """recipes/ on Hydra's search path after the primary config directory (conf/, or one given
+    with --config-dir): `experiment=NAME` finds every recipe, and `--help` lists them under
+    `experiment`. A plugin, because Hydra's help reads only this base search path, never a
+    `hydra.searchpath` override. Registered by `register()`, so only in processes that compose
+    this project's config."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        if f"file://{RECIPES_DIR}" not in [p.path for p in search_path.get_path()]:
+            search_path.append("mobilevit-trainer", f"file://{RECIPES_DIR}")
+
+
+def register() -> None:
+    """What composing our config needs, once per process: the schema, the recipes' search path."""
+    schema.register()
+    Plugins.instance().register(RecipesSearchPath)
 
 
 def compose_config(overrides: Iterable[str] = (), config_name: str = "config",
                    config_dir: str | None = None) -> DictConfig:
     """The config `python -m trainer OVERRIDES` runs with (unresolved; Hydra's errors raised)."""
-    overrides = list(overrides)
     register()
     with initialize_config_dir(config_dir=config_dir or CONF_DIR, version_base="1.3"):
-        return compose(config_name, overrides=overrides + searchpath_override(overrides))
+        return compose(config_name, overrides=list(overrides))
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -95,7 +109,6 @@ def check(argv: list[str]) -> list:
     if split is None:
         return []
     overrides, config_name, config_dir = split
-    overrides = overrides + searchpath_override(argv)
     try:
         variants = _variants(overrides)
     except Exception as e:

@@ -273,7 +273,8 @@ class MobileViTBackbone(keras.Model):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MobileViTBackbone:
-        return cls(**{**preset(name).arch, "name": name, **overrides})
+        spec = preset(name)  # its name a plain str (a config's enum member would reach .keras files)
+        return cls(**{**spec.arch, "name": spec.name, **overrides})
 
     def get_config(self) -> dict:
         return {

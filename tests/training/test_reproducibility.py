@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import ROOT
 
 from trainer import summarize
 
-ROOT = Path(__file__).resolve().parent.parent
 RUN = ["data=digits", "model.pretrained=none", "data.image_size=32", "trainer.epochs=1",
        "trainer.steps_per_epoch=3", "trainer.batch_size=16", "trainer.eval_steps=1",
        "model.head_dropout=0.3", "model.drop_path_rate=0.1", "aug=basic",

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
-from helpers import tiny_cfg
+from helpers import ROOT, tiny_cfg
 from tfds_archives import ARCHIVES
 
 from trainer.data import sources as data
 
-ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 SMALL = ["model.pretrained=none", "data.image_size=32", "trainer.epochs=1",
          "trainer.steps_per_epoch=2", "trainer.batch_size=8", "trainer.eval_steps=2",

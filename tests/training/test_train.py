@@ -11,13 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import make_image_folder, tiny_cfg
+from helpers import ROOT, make_image_folder, tiny_cfg
 from omegaconf import OmegaConf
 
 from trainer.data.pipeline import eval_preprocess
 from trainer.training.train import train
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def check_run_dir(run_dir: Path, metrics: dict, class_names: list[str], with_test: bool,
@@ -160,7 +158,7 @@ def test_wandb_run_killed_in_a_shared_service_gets_a_clear_error(tmp_path):
                            capture_output=True, text=True, timeout=60)
     assert start.returncode == 0, start.stderr
     env = {**os.environ, "WANDB_SERVICE": start.stdout.strip().splitlines()[-1],
-           "WANDB_SILENT": "true", "PYTHONPATH": str(Path(__file__).parent.parent)}
+           "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
     script = ("import sys, time; from tests.helpers import tiny_cfg; "
               "from trainer.run.loggers import start_wandb; "
               "start_wandb(tiny_cfg('logger=wandb', 'logger.mode=offline').logger, {}, "

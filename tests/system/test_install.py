@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 TENSORFLOWS = {"tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflow-intel",
                "tensorflow-macos", "tensorflow-rocm", "intel-tensorflow", "tf-nightly",
                "tf-nightly-cpu", "tf-nightly-gpu"}

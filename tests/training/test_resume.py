@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import tiny_cfg
+from helpers import ROOT, tiny_cfg
 
 from trainer.training.loop import Loop
 from trainer.training.train import train
 
-ROOT = Path(__file__).resolve().parent.parent
 RESUMABLE = ["data=digits", "trainer.epochs=2", "trainer.steps_per_epoch=3",
              "trainer.checkpoint_every_steps=2", "trainer.export=false", "aug=basic",
              "data.image_size=32", "model.head_dropout=0.3", "data.crop_pct=1.0"]

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import pytest
 from allpairspy import AllPairs
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
 
 # Each case costs about a minute on 2 cores (tracing the step, exporting), so values are chosen
 # where code paths differ: one model family for now (MobileViT v2 joins here as a line), one
 # LiteRT variant per value (float32 / dynamic-range LiteRT from a mixed-precision model are in
-# tests/test_distribute.py, every variant from a float32 model in tests/test_export.py).
+# tests/training/test_distribute.py, every variant from a float32 model in tests/serving/test_export.py).
 OPTIONS: dict[str, list[str]] = {
     "aug": ["aug=none", "aug=basic", "aug=randaugment", "aug=strong"],
     "multiscale": ["aug.multiscale_sizes=[]", "aug.multiscale_sizes=[24,32,40]"],
@@ -47,7 +46,7 @@ OPTIONS: dict[str, list[str]] = {
 # Pairs that cannot work here, with what the refusal must name. XLA's CPU compiler rejects the
 # 16-bit gradient of the resize MobileViT applies to odd-sized feature maps, which every size
 # below (32 px, multi-scale 24-40) has; at multiples of 64 px the pair trains on CPU as well
-# (tests/test_distribute.py::test_gpu_settings_run_on_cpu...), and on a GPU it is not refused.
+# (tests/training/test_distribute.py::test_gpu_settings_run_on_cpu...), and on a GPU it is not refused.
 REFUSED: dict[tuple[str, str], tuple[str, ...]] = {
     ("trainer.precision=mixed_float16", "trainer.jit_compile=true"):
         ("trainer.jit_compile=true", "trainer.precision=mixed_float16", "multiples of 64"),
@@ -169,7 +168,7 @@ def test_case_trains_and_exports(row, folder, tmp_path):
         checks = json.loads((run_dir / "export" / "litert" / "checks.json").read_text())
         assert set(checks) == set(litert)
         # Against the float32 model, in probabilities: after 4 steps the outputs are near uniform,
-        # so top-1 agreement says nothing here (it does for trained models: tests/test_export.py).
+        # so top-1 agreement says nothing here (it does for trained models: tests/serving/test_export.py).
         for variant in litert:
             assert checks[variant]["max_abs_prob_diff"] <= LITERT_BAR[variant], checks[variant]
     run = json.loads((run_dir / "run.json").read_text())

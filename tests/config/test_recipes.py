@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from trainer.config.recipes import compare, compose_recipe, recipe_names
 
-ROOT = Path(__file__).resolve().parent.parent
 HEADER = ("Recipe:", "Command:", "Hardware:", "Expected:", "Source:")
 
 

@@ -5,31 +5,25 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import ROOT
 
-from trainer.config.compose import CONF_DIR, check, searchpath_override
-from trainer.config.schema import register
+from trainer.config.compose import check, compose_config
 from trainer.config.validate import validate
 from trainer.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ["model", "data", "aug", "optim", "schedule", "trainer", "logger", "finetune",
           "launcher", "hparams_search", "experiment"]
 
 
 def options(group: str) -> list[str]:
-    dirs = [ROOT / "conf" / group] + ([ROOT / "recipes" / "experiment"]
-                                      if group == "experiment" else [])
-    return sorted(p.stem for d in dirs for p in d.glob("*.yaml"))
+    root = ROOT / ("recipes" if group == "experiment" else "conf")
+    return sorted(p.stem for p in (root / group).glob("*.yaml"))
 
 
 def compose_cfg(overrides: list[str]):
-    register()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=[*overrides, *searchpath_override([])])
+    return compose_config(overrides)
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
@@ -117,7 +111,31 @@ def test_recipe_style_yaml_mistake_is_reported(tmp_path):
     conf = tmp_path / "conf"
     import shutil
     shutil.copytree(ROOT / "conf", conf)
+    (conf / "experiment").mkdir()
     (conf / "experiment" / "broken.yaml").write_text(
         "# @package _global_\noptim:\n  learning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="unknown key 'optim.learning_rate'"):
         check(["--config-dir", str(conf), "experiment=broken"])
+
+
+def test_help_introduces_the_product_and_lists_every_option_and_recipe():
+    """`python -m trainer --help`: the product and where to start, then every group's options,
+    the recipes (from recipes/, a second config root) under `experiment`."""
+    from trainer.config.recipes import recipe_names
+    from trainer.models.presets import MODEL_NAMES
+
+    result = subprocess.run([sys.executable, "-m", "trainer", "--help"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert text.startswith("mobilevit-trainer: fine-tune MobileViT")
+    assert "powered by Hydra" not in text
+    assert "python -m trainer experiment=quickstart" in text
+    groups = dict(line.split(": ", 1) for line in
+                  text.split("== Config groups (group=option) ==\n", 1)[1].split("\n\n", 1)[0]
+                  .splitlines())
+    assert groups["experiment"].split(", ") == recipe_names()
+    assert "quickstart" in recipe_names()
+    assert groups["model"].split(", ") == sorted(MODEL_NAMES)
+    for group in GROUPS[:-1]:
+        assert groups[group].split(", ") == options(group), group

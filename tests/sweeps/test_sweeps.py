@@ -11,9 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from helpers import ROOT
+
 from tests.helpers import TINY
 
-ROOT = Path(__file__).resolve().parent.parent
 GRID = [*TINY, "trainer.export=false", "trainer.steps_per_epoch=4",
         "trainer.checkpoint_every_steps=1", "logger=wandb", "logger.mode=offline",
         "optim.lr=1e-3,3e-4", "seed=0,1"]

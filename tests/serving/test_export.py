@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import tiny_cfg
+from helpers import ROOT, tiny_cfg
 from PIL import Image
 
 from trainer.data.pipeline import eval_preprocess
@@ -176,7 +176,7 @@ def test_export_command_reexports_a_run(run, tmp_path):
     config.export.litert = []  # the SavedModels only, to keep the test short
     OmegaConf.save(config, run_dir / "config.yaml")
     result = subprocess.run([sys.executable, "-m", "trainer.export", f"run={run_dir}"],
-                            capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+                            capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (run_dir / "export" / "classifier" / "saved_model.pb").is_file()
     card = (run_dir / "export" / "README.md").read_text()

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import reference as R
+from helpers import ROOT
 
 from trainer.errors import CheckpointError
 from trainer.models import mobilevit as M
 from trainer.models.weights import load_pretrained, read_checkpoint
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

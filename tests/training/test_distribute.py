@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["data=digits", "model.pretrained=none", "data.image_size=32", "trainer.epochs=1",
           "trainer.steps_per_epoch=3", "trainer.batch_size=16", "trainer.eval_steps=1",
           "model.head_dropout=0", "aug=none", "logger.tensorboard=false",
@@ -165,7 +165,7 @@ def test_gpu_settings_run_on_cpu_mixed_precision_xla_default_aug_export_float32(
                                                                                tmp_path):
     """What a GPU user runs first: mixed precision + XLA + the default augmentation, end to end
     (the command line, export and LiteRT included), slowly but correctly on this CPU. At 64 px:
-    smaller sizes are refused on a CPU (tests/test_matrix.py, REFUSED)."""
+    smaller sizes are refused on a CPU (tests/system/test_matrix.py, REFUSED)."""
     run_dir = tmp_path / precision
     result = run_trainer([*COMMON, "data.image_size=64", "aug=basic", f"trainer.precision={precision}",
                           "trainer.jit_compile=true", "trainer.epochs=2",

@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import tiny_cfg
+from helpers import ROOT, tiny_cfg
 
 from trainer.errors import CheckpointError, ConfigError, NonFiniteLoss
 from trainer.run import dirs as rundir
 from trainer.training.state import restore_latest
 from trainer.training.train import train
 
-ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 # Deterministic and tiny: 2 epochs of 3 steps, a mid-epoch checkpoint every 2 steps, dropout and
 # random augmentation on (their RNG state must resume too), the export on.

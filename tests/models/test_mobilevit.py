@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 import reference as R
+from helpers import ROOT
 
 from trainer.errors import CheckpointError
 from trainer.models import mobilevit as M
@@ -177,8 +178,7 @@ def test_convert_cli_savedmodels_match(name, fmt, tmp_path, tmp_path_factory):
     """`python -m trainer.convert`, then the SavedModels loaded without this project."""
     ref, _, path = make_pair(name, fmt, tmp_path_factory)
     out = tmp_path / "out"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "trainer.convert", f"model={name}",
                     f"checkpoint={path}", f"output={out}"], check=True, env=env, capture_output=True)
     assert (out / f"{name}.weights.h5").is_file()
