@@ -27,7 +27,8 @@ def exported(model_name: str, size: int, out_dir: Path, litert_variants: tuple[s
     """Build our classifier (random weights), export it as the trainer does; return callables."""
     import tensorflow as tf
 
-    from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+    from trainer.models.head import build_classifier
+    from trainer.models.mobilevit import MobileViTBackbone
     from trainer.serving import litert
     from trainer.serving import savedmodel as export
 

@@ -46,7 +46,8 @@ def layer_macs(layer) -> int:
 
 
 def count_macs(model_name: str, size: int, classes: int = 1000) -> int:
-    from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+    from trainer.models.head import build_classifier
+    from trainer.models.mobilevit import MobileViTBackbone
 
     backbone = MobileViTBackbone.from_preset(model_name, image_shape=(size, size, 3))
     model = build_classifier(backbone, classes)

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             loaded, _ = exported(name, args.size, Path(tmp), ())
-            from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+            from trainer.models.head import build_classifier
+            from trainer.models.mobilevit import MobileViTBackbone
 
             model = build_classifier(MobileViTBackbone.from_preset(name), CLASSES)
             x = tf.constant(image)

@@ -28,7 +28,8 @@ def ours_step(model_name: str, batch: int, size: int, xla: bool, device: str):
     import keras
     import tensorflow as tf
 
-    from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+    from trainer.models.head import build_classifier
+    from trainer.models.mobilevit import MobileViTBackbone
     from trainer.training.loop import Loop
 
     keras.mixed_precision.set_global_policy("mixed_float16" if device == "gpu" else "float32")

@@ -34,3 +34,15 @@ def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int 
             suffix = ".png" if i % 2 else ".jpg"
             Image.fromarray(img).save(root / name / f"{i}{suffix}")
     return root
+
+
+def fake_hub_cache(root: Path, checkpoint: Path) -> Path:
+    """The on-disk layout huggingface_hub uses for timm/mobilevit_xxs.cvnets_in1k."""
+    repo = root / "models--timm--mobilevit_xxs.cvnets_in1k"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").write_bytes(checkpoint.read_bytes())
+    return root

@@ -14,7 +14,8 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+from trainer.models.head import build_classifier
+from trainer.models.mobilevit import MobileViTBackbone
 from trainer.training.state import restore_latest
 
 

@@ -38,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
 
     from trainer.atomic import replacing
-    from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+    from trainer.models.head import build_classifier
+    from trainer.models.mobilevit import MobileViTBackbone
     from trainer.models.weights import (
-        download_imagenet_checkpoint,
+        download_checkpoint,
         load_torch_state,
         read_checkpoint,
     )
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = build_classifier(MobileViTBackbone.from_preset(args.model), 1000)
     try:
-        path = (download_imagenet_checkpoint(args.model) if args.checkpoint == "imagenet"
+        path = (download_checkpoint(args.model) if args.checkpoint == "imagenet"
                 else Path(args.checkpoint))
         load_torch_state(model, read_checkpoint(path), args.format, source=str(path))
     except CheckpointError as e:

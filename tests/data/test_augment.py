@@ -117,7 +117,8 @@ def test_multiscale_batches_keep_pixels_per_batch_and_train(tmp_path):
     resume, and the training step takes them all."""
     import keras
 
-    from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+    from trainer.models.head import build_classifier
+    from trainer.models.mobilevit import MobileViTBackbone
     from trainer.training.loop import Loop
 
     cfg = tiny_cfg("aug=basic", "aug.multiscale_sizes=[16,24,32]")

@@ -6,16 +6,15 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import reference as R
-from helpers import ROOT
+from helpers import ROOT, fake_hub_cache
 
 from trainer.errors import CheckpointError
 from trainer.models import mobilevit as M
-from trainer.models.weights import load_pretrained, read_checkpoint
+from trainer.models.weights import load_weights, read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +23,6 @@ def timm_xxs(tmp_path_factory):
     path = tmp_path_factory.mktemp("w") / "model.safetensors"
     R.save_state(ref, path)
     return ref, path
-
-
-def fake_hub_cache(root: Path, checkpoint: Path) -> Path:
-    """The on-disk layout huggingface_hub uses for timm/mobilevit_xxs.cvnets_in1k."""
-    repo = root / "models--timm--mobilevit_xxs.cvnets_in1k"
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(revision)
-    snapshot = repo / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    (snapshot / "model.safetensors").write_bytes(checkpoint.read_bytes())
-    return root
 
 
 def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
@@ -50,12 +37,13 @@ def test_imagenet_from_hub_cache_offline_then_keras_cache(timm_xxs, tmp_path):
     np.save(tmp_path / "x.npy", images)
     code = f"""
         import numpy as np
-        from trainer.models.mobilevit import MobileViTBackbone, build_classifier
-        from trainer.models.weights import load_pretrained
+        from trainer.models.head import build_classifier
+        from trainer.models.mobilevit import MobileViTBackbone
+        from trainer.models.weights import load_weights
         x = np.load({str(tmp_path / 'x.npy')!r})
         for i in range(2):  # first: convert the safetensors; second: the cached Keras weights
             m = build_classifier(MobileViTBackbone.from_preset("mobilevit_xxs"), 1000)
-            print(load_pretrained(m, "imagenet", "mobilevit_xxs"))
+            print(load_weights(m, "imagenet", "mobilevit_xxs"))
             np.save({str(tmp_path)!r} + f"/out{{i}}.npy", m(x, training=False).numpy())
     """
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub),
@@ -73,10 +61,11 @@ def test_imagenet_from_hub_cache_offline_then_keras_cache(timm_xxs, tmp_path):
 
 def test_imagenet_offline_without_cache_names_file_and_key(tmp_path):
     code = """
-        from trainer.models.mobilevit import MobileViTBackbone, build_classifier
-        from trainer.models.weights import load_pretrained
+        from trainer.models.head import build_classifier
+        from trainer.models.mobilevit import MobileViTBackbone
+        from trainer.models.weights import load_weights
         m = build_classifier(MobileViTBackbone.from_preset("mobilevit_xs"), 5)
-        load_pretrained(m, "imagenet", "mobilevit_xs")
+        load_weights(m, "imagenet", "mobilevit_xs")
     """
     result = run_python(code, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")})
     assert result.returncode != 0
@@ -93,7 +82,7 @@ def test_pytorch_bin_with_torch_and_clear_error_without(timm_xxs, tmp_path, monk
     path = tmp_path / "pytorch_model.bin"
     torch.save(ref.state_dict(), path)
     model = M.build_classifier(M.MobileViTBackbone.from_preset("mobilevit_xxs"), 4)
-    assert "head new" in load_pretrained(model, str(path), "mobilevit_xxs")
+    assert "head new" in load_weights(model, str(path), "mobilevit_xxs")
     images = R.test_images(2, 64, seed=9)
     features = R.reference_features(ref, images, "timm")
     from trainer.serving.savedmodel import feature_model
@@ -113,13 +102,13 @@ def test_convert_weights_h5_is_accepted_and_checked(timm_xxs, tmp_path):
     assert convert(["model=mobilevit_xxs", f"checkpoint={path}", f"output={tmp_path / 'out'}"]) == 0
     h5 = tmp_path / "out" / "mobilevit_xxs.weights.h5"
     model = M.build_classifier(M.MobileViTBackbone.from_preset("mobilevit_xxs"), 1000)
-    assert "head kept" in load_pretrained(model, str(h5), "mobilevit_xxs")
+    assert "head kept" in load_weights(model, str(h5), "mobilevit_xxs")
     images = R.test_images(2, 64, seed=4)
     expected = R.reference_logits(ref, images, "timm")
     assert np.abs(model(images, training=False).numpy() - expected).max() / np.abs(expected).max() < 1e-4
     wrong = M.build_classifier(M.MobileViTBackbone.from_preset("mobilevit_s"), 1000)
     with pytest.raises(CheckpointError, match="does not fit mobilevit_s"):
-        load_pretrained(wrong, str(h5), "mobilevit_s")
+        load_weights(wrong, str(h5), "mobilevit_s")
     with pytest.raises(SystemExit) as exit_:
         convert(["model=mobilevit_xxs", f"checkpoint={tmp_path / 'nope.safetensors'}",
                  f"output={tmp_path / 'o2'}"])

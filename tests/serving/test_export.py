@@ -77,6 +77,26 @@ def test_every_signature_matches_keras(run):
                                    atol=1e-4 * np.abs(features).max())
 
 
+def test_preprocessing_layer_is_the_exports_and_load_run_predicts_what_it_serves(run):
+    """The library's MobileViTPreprocessor is the export's in-graph preprocessing, bit for bit;
+    `load_run` gives the trained model that the export serves (library API, issue #22)."""
+    from trainer import MobileViTPreprocessor, load_run
+
+    run_dir, cfg, _, _, raw = run
+    loaded = tf.saved_model.load(str(run_dir / "export" / "classifier"))
+    served = loaded.signatures["serving_default"](images=tf.constant(raw))["logits"].numpy()
+    layer = MobileViTPreprocessor(cfg.data.image_size, cfg.data.crop_pct)
+    via_layer = loaded.signatures["serve_float"](images=layer(raw))["logits"].numpy()
+    np.testing.assert_array_equal(via_layer, served)
+
+    model = load_run(run_dir, preprocessing=True)  # uint8 images of any size
+    scale = np.abs(served).max()
+    np.testing.assert_allclose(model.predict(raw, verbose=0), served, atol=1e-4 * scale)
+    assert model.class_names == [str(i) for i in range(10)]
+    plain = load_run(run_dir)  # as trained: float32 [0, 1] images of the run's image size
+    np.testing.assert_allclose(plain.predict(layer(raw), verbose=0), served, atol=1e-4 * scale)
+
+
 def test_saved_model_cli_lists_the_signatures(run):
     run_dir = run[0]
     for name in ("classifier", "feature_extractor"):

@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 from helpers import tiny_cfg
 
-from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+from trainer.models.head import build_classifier
+from trainer.models.mobilevit import MobileViTBackbone
 from trainer.training.optim import (
     ScaledSchedule,
     StagedSchedule,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from helpers import tiny_cfg
 
-from trainer.models.mobilevit import MobileViTBackbone, build_classifier
+from trainer.models.head import build_classifier
+from trainer.models.mobilevit import MobileViTBackbone
 from trainer.training.optim import make_optimizer, make_schedule, scaled_lr
 
 

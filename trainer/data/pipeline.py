@@ -2,7 +2,7 @@
 
 Every random op is *stateless*, seeded by (run seed, epoch, example position): the same seed gives
 the same images, and a resumed run replays exactly. The evaluation preprocessing is the one the
-exported SavedModels run inside their graph.
+exported SavedModels run inside their graph (`models/preprocessing.py`).
 """
 
 from __future__ import annotations
@@ -11,32 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.data.augmentation import BatchMix, ImagePolicy
-
-
-def to_float(image: tf.Tensor) -> tf.Tensor:
-    """uint8 RGB -> float32 RGB in [0, 1], the input of every model here."""
-    return tf.image.convert_image_dtype(image, tf.float32)
-
-
-def eval_preprocess(image: tf.Tensor, size: int, crop_pct: float) -> tf.Tensor:
-    """Resize the short side to size / crop_pct (bilinear), centre-crop size x size.
-
-    Works on one image [H, W, 3] or a batch [N, H, W, 3] of one size; uint8 or float in, float32
-    in [0, 1] out.
-    """
-    image = to_float(image) if image.dtype == tf.uint8 else tf.cast(image, tf.float32)
-    if isinstance(size, tf.Tensor):  # multi-scale batches choose it per batch (an int64 tensor)
-        size = tf.cast(size, tf.int32)
-    shape = tf.shape(image)
-    h, w = tf.cast(shape[-3], tf.float32), tf.cast(shape[-2], tf.float32)
-    short = tf.math.ceil(tf.cast(size, tf.float32) / crop_pct)
-    scale = short / tf.minimum(h, w)
-    new_h = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), size)
-    new_w = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), size)
-    image = tf.image.resize(image, tf.stack([new_h, new_w]), "bilinear", antialias=True)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    image = image[..., top:top + size, left:left + size, :]
-    return tf.clip_by_value(image, 0.0, 1.0)
+from trainer.models.preprocessing import eval_preprocess, to_float
 
 
 def random_resized_crop(image: tf.Tensor, size: int, scale, ratio, seed: tf.Tensor) -> tf.Tensor:

@@ -21,7 +21,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from trainer.models.head import build_classifier
 from trainer.models.presets import preset
+from trainer.models.weights import load_weights
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -272,9 +274,18 @@ class MobileViTBackbone(keras.Model):
         self.image_shape = tuple(image_shape)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> MobileViTBackbone:
+    def from_preset(cls, name: str, weights: str | None = None,
+                    checkpoint_format: str | None = None, **overrides) -> MobileViTBackbone:
+        """The preset's architecture (`models/presets.py`), with `weights` loaded if given:
+        a source of the preset ("imagenet", ...), a timm or transformers checkpoint file
+        (`checkpoint_format` "timm" | "hf", else detected), a `.weights.h5` written by
+        `trainer.convert`, or a finished run directory of the trainer. `overrides`: any other
+        constructor argument (dropout, drop_path_rate, image_shape, ...)."""
         spec = preset(name)  # its name a plain str (a config's enum member would reach .keras files)
-        return cls(**{**spec.arch, "name": spec.name, **overrides})
+        backbone = cls(**{**spec.arch, "name": spec.name, **overrides})
+        if weights is not None:
+            load_weights(backbone, weights, spec.name, checkpoint_format)
+        return backbone
 
     def get_config(self) -> dict:
         return {
@@ -309,35 +320,12 @@ def _check_args(stages, num_heads, patch_size, dropout, attention_dropout, drop_
             raise ValueError(f"transformer dim {s['dim']} is not divisible by num_heads={num_heads}")
 
 
-def build_classifier(backbone: keras.Model, num_classes: int, dropout: float = 0.0,
-                     name: str = "classifier") -> keras.Model:
-    """Backbone -> global average pool -> dropout -> dense logits (float32 for mixed precision)."""
-    if num_classes < 1:
-        raise ValueError(f"`num_classes` must be >= 1, got {num_classes!r}")
-    inputs = keras.Input(shape=backbone.input_shape[1:], name="images")
-    x = backbone(inputs)
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
-    x = layers.Dropout(dropout, name="head_dropout")(x)
-    logits = layers.Dense(num_classes, name="head", dtype="float32")(x)
-    return keras.Model(inputs, logits, name=name)
-
-
 def build_model(model_cfg, num_classes: int) -> keras.Model:
     """The classifier a `model` config describes (weights not loaded: models/weights.py)."""
     backbone = MobileViTBackbone.from_preset(
         model_cfg.name, dropout=model_cfg.dropout, drop_path_rate=model_cfg.drop_path_rate,
         sync_bn=model_cfg.sync_bn)
     return build_classifier(backbone, num_classes, dropout=model_cfg.head_dropout)
-
-
-def find_backbone(model: keras.Model) -> MobileViTBackbone:
-    """The MobileViTBackbone inside a classifier (or the model itself)."""
-    if isinstance(model, MobileViTBackbone):
-        return model
-    for layer in model.layers:
-        if isinstance(layer, MobileViTBackbone):
-            return layer
-    raise ValueError(f"model {model.name!r} contains no MobileViTBackbone")
 
 
 @contextlib.contextmanager

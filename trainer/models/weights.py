@@ -20,8 +20,8 @@ import tensorflow as tf
 
 from trainer.atomic import replacing
 from trainer.errors import CheckpointError
-from trainer.models.mobilevit import MobileViTBackbone, build_classifier, find_backbone
-from trainer.models.presets import HUB_FILE, hub_repo, hub_url
+from trainer.models.head import build_classifier, find_backbone, head_layer
+from trainer.models.presets import HUB_FILE, hub_repo, hub_url, preset
 
 IMAGENET_CLASSES = 1000
 
@@ -74,7 +74,7 @@ def detect_format(state: dict[str, np.ndarray]) -> str:
 # --------------------------------------------------------------------------- the key table
 
 
-def _checkpoint_keys(backbone: MobileViTBackbone, fmt: str) -> dict[str, list[str]]:
+def _checkpoint_keys(backbone: keras.Model, fmt: str) -> dict[str, list[str]]:
     """Keras layer name -> checkpoint keys of its weights, in the Keras weight order."""
     hf = fmt == "hf"
     keys: dict[str, list[str]] = {}
@@ -161,13 +161,6 @@ def _to_keras(layer: keras.layers.Layer, arrays: list[np.ndarray]) -> list[np.nd
     return list(arrays)  # BatchNorm, LayerNorm: same layout
 
 
-def _head_layer(model: keras.Model):
-    try:
-        return model.get_layer("head")
-    except ValueError:
-        return None
-
-
 def load_torch_state(model: keras.Model, state: dict[str, np.ndarray], fmt: str | None = None,
                      source: str = "checkpoint") -> bool:
     """Assign a timm/transformers state dict to `model` (a backbone or a classifier), strictly.
@@ -180,7 +173,7 @@ def load_torch_state(model: keras.Model, state: dict[str, np.ndarray], fmt: str 
     if fmt not in ("timm", "hf"):
         raise CheckpointError(f"checkpoint format must be 'timm' or 'hf', got {fmt!r}")
     backbone = find_backbone(model)
-    head = _head_layer(model)
+    head = head_layer(model)
     table = _checkpoint_keys(backbone, fmt)
     targets = {name: backbone.get_layer(name) for name in table}
     load_head = head is not None and head.units == IMAGENET_CLASSES
@@ -235,31 +228,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MOBILEVIT_CACHE", Path.home() / ".cache" / "mobilevit-trainer"))
 
 
-def download_imagenet_checkpoint(name: str) -> Path:
-    """`model.safetensors` of timm/<name>.cvnets_in1k through the Hugging Face cache."""
+def download_checkpoint(name: str, source: str = "imagenet") -> Path:
+    """`model.safetensors` of the preset's `source` weights (timm/<name>.cvnets_in1k for
+    "imagenet") through the Hugging Face cache."""
     from huggingface_hub import hf_hub_download
 
-    repo = hub_repo(name)
+    repo = hub_repo(name, source)
     try:
         return Path(hf_hub_download(repo, HUB_FILE))
     except Exception as e:  # offline, no network, not cached, hub down: all need the same advice
         raise CheckpointError(
-            f"cannot get the ImageNet weights of {name}: {HUB_FILE} of {repo} is not in the "
+            f"cannot get the {source} weights of {name}: {HUB_FILE} of {repo} is not in the "
             f"Hugging Face cache and could not be downloaded ({type(e).__name__}). Fetch "
-            f"{hub_url(name)} where there is internet and "
+            f"{hub_url(name, source)} where there is internet and "
             f"set model.pretrained=/path/to/{HUB_FILE} (or model.pretrained=none)") from None
 
 
-def _donor(backbone: MobileViTBackbone) -> keras.Model:
+def _donor(backbone: keras.Model) -> keras.Model:
     """A 1000-class classifier of the same architecture, the shape of our `.weights.h5` files."""
     config = {**backbone.get_config(), "drop_path_rate": 0.0, "sync_bn": False}
-    return build_classifier(MobileViTBackbone.from_config(config), IMAGENET_CLASSES)
+    return build_classifier(type(backbone).from_config(config), IMAGENET_CLASSES)
 
 
 def _copy_from(donor: keras.Model, model: keras.Model, keep_head: bool = True) -> bool:
     find_backbone(model).set_weights(find_backbone(donor).get_weights())
-    head = _head_layer(model)
-    donor_head = _head_layer(donor)
+    head = head_layer(model)
+    donor_head = head_layer(donor)
     if keep_head and head is not None and donor_head is not None and head.units == donor_head.units:
         head.set_weights(donor_head.get_weights())
         return True
@@ -310,9 +304,10 @@ def restore_best_checkpoint(model: keras.Model, run_dir: Path) -> str:
     return latest
 
 
-def load_pretrained(model: keras.Model, spec: str, name: str, fmt: str | None = None,
-                    class_names: list[str] | None = None) -> str:
-    """Initialise `model` from `spec`: 'imagenet', 'none', a checkpoint file or a run directory.
+def load_weights(model: keras.Model, spec: str | None, name: str, fmt: str | None = None,
+                 class_names: list[str] | None = None) -> str:
+    """Initialise `model` (a backbone or a classifier of preset `name`) from `spec`: a weight
+    source of the preset ('imagenet', ...), 'none', a checkpoint file or a run directory.
 
     `class_names`: the classes being trained; a run's head is kept only if it had the same.
 
@@ -320,10 +315,10 @@ def load_pretrained(model: keras.Model, spec: str, name: str, fmt: str | None = 
     """
     if spec in ("none", "", None):
         return "random initialisation"
-    if spec == "imagenet":
-        source = download_imagenet_checkpoint(name)
+    if spec in preset(name).weights:
+        source = download_checkpoint(name, spec)
         digest = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:12]
-        cached = cache_dir() / f"{name}.cvnets_in1k-{digest}.weights.h5"
+        cached = cache_dir() / f"{hub_repo(name, spec).split('/')[-1]}-{digest}.weights.h5"
         if cached.is_file():
             head = load_keras_weights(model, cached)
         else:
@@ -333,7 +328,7 @@ def load_pretrained(model: keras.Model, spec: str, name: str, fmt: str | None = 
             with replacing(cached) as tmp:  # a crash never leaves a half-written cache entry
                 donor.save_weights(str(tmp))
             head = _copy_from(donor, model)
-        return f"ImageNet weights of {hub_repo(name)} (head {'kept' if head else 'new'})"
+        return f"{spec} weights of {hub_repo(name, spec)} (head {'kept' if head else 'new'})"
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "export" / "model.keras").is_file():
         head = load_run_weights(model, path, class_names)

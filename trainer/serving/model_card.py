@@ -94,7 +94,8 @@ print(runner(images=image)["probabilities"].argmax())
 
 ## Keras
 
-`model.keras` continues fine-tuning: `import trainer.models.mobilevit` (registers the layers),
-then `keras.models.load_model("export/model.keras")`.
+`model.keras` continues fine-tuning: `from trainer import load_run; model = load_run("RUN_DIR")`
+(`preprocessing=True`: raw uint8 images in), or `keras.models.load_model("export/model.keras")`
+after `import trainer.models.mobilevit` (registers the layers).
 """
     write_text(path, text)

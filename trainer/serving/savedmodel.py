@@ -17,8 +17,9 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 
 from trainer.atomic import replacing, replacing_dir, write_json
 from trainer.config.schema import TOP_K
-from trainer.data.pipeline import eval_preprocess
-from trainer.models.mobilevit import find_backbone, float32_copy
+from trainer.models.head import find_backbone
+from trainer.models.mobilevit import float32_copy
+from trainer.models.preprocessing import MobileViTPreprocessor
 from trainer.serving import litert
 from trainer.serving.model_card import ModelCard, write_model_card
 
@@ -99,17 +100,19 @@ def _image_signatures(net: keras.Model, image_size: int, crop_pct: float, output
     """serving_default (uint8, any size), serve_bytes (JPEG/PNG), serve_float (the TF Hub one)."""
     # Traced once and called by all three signatures: each would otherwise trace the network.
     forward = frozen_forward(net, image_size)
+    # The public preprocessing layer: what a user's own Keras model gets from the library API.
+    preprocess = MobileViTPreprocessor(image_size, crop_pct)
 
     def run(images):
         return outputs(forward(images))
 
     def serve_uint8(images):
-        return run(eval_preprocess(images, image_size, crop_pct))
+        return run(preprocess(images))
 
     def serve_bytes(images):
         def decode(data):
             image = tf.io.decode_image(data, channels=3, expand_animations=False)
-            return eval_preprocess(image, image_size, crop_pct)
+            return preprocess(image)
         return run(tf.map_fn(decode, images, fn_output_signature=tf.TensorSpec(
             [image_size, image_size, 3], tf.float32)))
 

@@ -13,7 +13,7 @@ import math
 import keras
 
 from trainer.config.schema import Stage
-from trainer.models.mobilevit import find_backbone
+from trainer.models.head import find_backbone
 
 # The backbone's layer groups from input to output, by layer-name prefix (see models/mobilevit).
 GROUP_ORDER = ("stem", "stage0", "stage1", "stage2", "stage3", "stage4", "final")

@@ -24,7 +24,7 @@ from trainer.config.validate import validate
 from trainer.data.pipeline import eval_pipeline, train_pipeline
 from trainer.data.sources import load_dataset
 from trainer.models.mobilevit import build_model
-from trainer.models.weights import load_pretrained
+from trainer.models.weights import load_weights
 from trainer.run import dirs
 from trainer.run.loggers import EpochLoggers
 from trainer.run.manifest import write_manifest
@@ -80,7 +80,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     stages = stage_plan(cfg)
     with strategy.scope():
         model = build_model(cfg.model, dataset.num_classes)
-        source = load_pretrained(model, cfg.model.pretrained, cfg.model.name,
+        source = load_weights(model, cfg.model.pretrained, cfg.model.name,
                                  cfg.model.checkpoint_format, dataset.class_names)
         optimizer, lr_scale = make_run_optimizer(cfg.optim, cfg.schedule, stages, steps_per_epoch,
                                                  t.batch_size, model, t.precision)
