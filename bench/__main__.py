@@ -16,6 +16,10 @@ def main() -> None:
     device = ["--device", parser.parse_args().device]
     train_speed.main(device)
     infer_speed.main(device)
+    v2 = ["--models", "mobilevitv2_050", "mobilevitv2_100", "mobilevitv2_200"]
+    train_speed.main([*device, *v2, "--sizes", "128", "--batch", "16", "--repeats", "2",
+                      "--out", "train_v2"])
+    infer_speed.main([*device, *v2, "--batches", "1", "--out", "infer_v2"])
     pipeline_speed.main(device)
     macs.main(device)
     if device[1] == "cpu":  # peak RSS is host memory; on a GPU the device memory matters

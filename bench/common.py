@@ -17,6 +17,8 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MODELS = ("mobilevit_xxs", "mobilevit_xs", "mobilevit_s")
+MODELS_V2 = ("mobilevitv2_050", "mobilevitv2_075", "mobilevitv2_100", "mobilevitv2_125",
+             "mobilevitv2_150", "mobilevitv2_175", "mobilevitv2_200")
 
 
 def import_timm():

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="infer", help="bench/results/OUT.json")
     common.add_machine_args(parser)
     args = parser.parse_args(argv)
     threads, info = common.setup(args)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         ref_ms_per_batch=round(1000 * batch / r["timm"]["median"], 2)))
                     print(name, batch, variant, rows[-1]["ours_ms_per_batch"], "ms vs",
                           rows[-1]["ref_ms_per_batch"], "ms", flush=True)
-    path = common.write("infer", rows, info)
+    path = common.write(args.out, rows, info)
     print(common.table(rows, [("model", "model"), ("batch", "batch"), ("ours", "ours"),
                               ("ours_ms_per_batch", "ms/batch"),
                               ("ref_ms_per_batch", "timm ms/batch"), ("speedup", "speedup")]))

@@ -19,7 +19,11 @@ import time
 
 from bench import common
 
-PUBLISHED_G = {"mobilevit_xxs": 0.41, "mobilevit_xs": 1.03, "mobilevit_s": 2.00}
+PUBLISHED_G = {"mobilevit_xxs": 0.41, "mobilevit_xs": 1.03, "mobilevit_s": 2.00,
+               # timm's model table (ml-cvnets' v2 paper: 0.5 G for 0.5, 1.8 G for 1.0)
+               "mobilevitv2_050": 0.48, "mobilevitv2_075": 1.05, "mobilevitv2_100": 1.84,
+               "mobilevitv2_125": 2.86, "mobilevitv2_150": 4.09, "mobilevitv2_175": 5.54,
+               "mobilevitv2_200": 7.22}
 
 
 def layer_macs(layer) -> int:
@@ -51,7 +55,7 @@ def count_macs(model_name: str, size: int, classes: int = 1000) -> int:
 
     backbone = MobileViTBackbone.from_preset(model_name, image_shape=(size, size, 3))
     model = build_classifier(backbone, classes)
-    from trainer.models.mobilevit import PatchFold, PatchUnfold
+    from trainer.models.layers import PatchFold, PatchUnfold
 
     total, sequences = 0, 1  # token sequences per image: unfolding puts patches on the batch axis
     for layer in backbone.layers:  # topological order: a block's transformer sits between the two
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     train_path = common.result_path("train", args.device)
     train_rows = json.loads(train_path.read_text()) if train_path.is_file() else []
     rows = []
-    for name in common.MODELS:
+    for name in common.MODELS + common.MODELS_V2:
         macs = count_macs(name, args.size)
         same = [r for r in train_rows if r["model"] == name and r["size"] == args.size]
         rates, refs = [r["ours_img_s"] for r in same], [r["ref_img_s"] for r in same]

@@ -36,6 +36,21 @@ def section() -> str:
                                             ("ours_img_s", "ours img/s"),
                                             ("ref_img_s", "timm img/s"),
                                             ("speedup", "ours / timm")]))
+    train_v2, infer_v2 = load("train_v2"), load("infer_v2")
+    if train_v2:
+        parts.append("**Training, MobileViT v2** (the same step; fewer sizes and repeats: v2's "
+                     "larger widths train at a few images/s on a CPU):\n\n"
+                     + common.table(train_v2, [("model", "model"), ("size", "size"),
+                                               ("batch", "batch"), ("ours", "ours"),
+                                               ("ours_img_s", "ours img/s"),
+                                               ("ref_img_s", "timm img/s"),
+                                               ("speedup", "ours / timm")]))
+    if infer_v2:
+        parts.append("**Inference, MobileViT v2** (exported files, ms per batch):\n\n"
+                     + common.table(infer_v2, [("model", "model"), ("batch", "batch"),
+                                               ("ours", "ours"), ("ours_ms_per_batch", "ours ms"),
+                                               ("ref_ms_per_batch", "timm ms"),
+                                               ("speedup", "timm ms / ours ms")]))
     if infer:
         parts.append("**Inference** of the exported files (ms per batch; timm eager, "
                      "`inference_mode`):\n\n"

@@ -6,6 +6,7 @@ AdamW. Same batch of random images for both, 1000 classes, same thread count, in
 
     python -m bench.train_speed                       # all sizes, 256 and 128, batch 32
     python -m bench.train_speed --models mobilevit_xxs --sizes 256 --repeats 5
+    python -m bench.train_speed --models mobilevitv2_050 mobilevitv2_100 --sizes 128 --out train_v2
     python -m bench.train_speed --device gpu          # mixed precision + XLA vs timm AMP on CUDA
 """
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=1, help="steps per timed call")
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--out", default="train", help="bench/results/OUT.json")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     threads = args.threads or common.os.cpu_count()
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for row in rows[-2:]:
                 print(row["model"], size, row["ours"], row["ours_img_s"], "vs", row["ref_img_s"],
                       flush=True)
-    path = common.write("train", rows, common.machine(args.device, threads))
+    path = common.write(args.out, rows, common.machine(args.device, threads))
     print(common.table(rows, [("model", "model"), ("size", "size"), ("batch", "batch"),
                               ("ours", "ours"), ("ours_img_s", "img/s"),
                               ("ref_img_s", "timm img/s"), ("speedup", "speedup")]))

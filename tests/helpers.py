@@ -36,11 +36,12 @@ def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int 
     return root
 
 
-def fake_hub_cache(root: Path, checkpoint: Path) -> Path:
-    """The on-disk layout huggingface_hub uses for timm/mobilevit_xxs.cvnets_in1k."""
-    repo = root / "models--timm--mobilevit_xxs.cvnets_in1k"
+def fake_hub_cache(root: Path, checkpoint: Path, repo_id: str = "timm/mobilevit_xxs.cvnets_in1k"
+                   ) -> Path:
+    """The on-disk layout huggingface_hub uses for `repo_id`, holding `checkpoint`."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
     revision = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "refs").mkdir(parents=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     snapshot = repo / "snapshots" / revision
     snapshot.mkdir(parents=True)

@@ -50,7 +50,7 @@ def make_discriminative(model, fmt: str, seed: int = 0):
                 m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
                 m.momentum = None  # cumulative average over the calibration passes
                 m.reset_running_stats()
-            elif isinstance(m, torch.nn.LayerNorm):
+            elif isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
                 m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
                 m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
         for name, p in model.named_parameters():
@@ -59,6 +59,8 @@ def make_discriminative(model, fmt: str, seed: int = 0):
                 p[: 2 * d] *= 4.0  # peaky attention: q and k scaled -> logits x16
             if fmt == "hf" and (name.endswith("attention.query.weight") or name.endswith("attention.key.weight")):
                 p *= 4.0
+            # v2's query channel is left as initialised: sharpened, it makes the float32
+            # references themselves drift (timm's reached 2.6e-4 of its float64 logits).
     model.train()
     with torch.no_grad():
         for i in range(3):
@@ -86,18 +88,34 @@ def timm_model(name: str, seed: int = 0):
 
 def hf_model(name: str, seed: int = 0):
     import torch
-    from transformers import MobileViTConfig, MobileViTForImageClassification
+    from transformers import (
+        MobileViTConfig,
+        MobileViTForImageClassification,
+        MobileViTV2Config,
+        MobileViTV2ForImageClassification,
+    )
 
     torch.manual_seed(seed)
-    model = MobileViTForImageClassification(MobileViTConfig(num_labels=1000, **HF_CONFIGS[name]))
+    if name.startswith("mobilevitv2_"):  # apple/mobilevitv2-{0.5..2.0}-imagenet1k-256
+        config = MobileViTV2Config(num_labels=1000, width_multiplier=int(name[-3:]) / 100)
+        model = MobileViTV2ForImageClassification(config)
+    else:
+        model = MobileViTForImageClassification(MobileViTConfig(num_labels=1000, **HF_CONFIGS[name]))
     return make_discriminative(model, "hf", seed)
 
 
-def reference_logits(model, images: np.ndarray, fmt: str) -> np.ndarray:
-    """Logits of the PyTorch reference for RGB NHWC images (transformers gets them as BGR)."""
+def reference_logits(model, images: np.ndarray, fmt: str, float64: bool = False) -> np.ndarray:
+    """Logits of the PyTorch reference for RGB NHWC images (transformers gets them as BGR).
+
+    `float64`: the reference's exact function, free of its own float32 rounding (which reaches
+    2.6e-4 of the largest logit for timm's MobileViT v2 with these weights)."""
+    import copy
+
     import torch
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    if float64:
+        model, x = copy.deepcopy(model).double(), x.double()
     with torch.no_grad():
         if fmt == "timm":
             return model(x).numpy()
@@ -111,7 +129,8 @@ def reference_features(model, images: np.ndarray, fmt: str) -> np.ndarray:
     with torch.no_grad():
         if fmt == "timm":
             return model.forward_head(model.forward_features(x), pre_logits=True).numpy()
-        return model.mobilevit(pixel_values=x.flip(1)).pooler_output.numpy()
+        body = model.mobilevitv2 if hasattr(model, "mobilevitv2") else model.mobilevit
+        return body(pixel_values=x.flip(1)).pooler_output.numpy()
 
 
 def save_state(model, path) -> None:

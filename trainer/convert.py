@@ -1,6 +1,7 @@
-"""Rebuild the TF Hub MobileViT collection from a public PyTorch checkpoint.
+"""Rebuild the TF Hub MobileViT collection from a public PyTorch checkpoint (v1 and v2).
 
     python -m trainer.convert model=mobilevit_xs checkpoint=model.safetensors output=DIR
+    python -m trainer.convert model=mobilevitv2_100 checkpoint=imagenet output=DIR
 
 writes DIR/classifier/ (float32 [N, 256, 256, 3] RGB in [0, 1] -> 1000 ImageNet logits, the
 `mobilevit_*_1k_256` contract), DIR/feature_extractor/ (pooled features, the `_fe` models) and
@@ -18,19 +19,20 @@ from trainer.config.args import fail, parse_args
 from trainer.errors import CheckpointError
 from trainer.models.presets import MODEL_NAMES
 
-USAGE = ("python -m trainer.convert model=NAME checkpoint=FILE|imagenet output=DIR "
-         "[format=timm|hf] [image_size=256]")
+USAGE = ("python -m trainer.convert model=NAME checkpoint=FILE|imagenet|imagenet22k|... output=DIR "
+         "[format=timm|hf] [image_size=SIZE]")
 
 
 @dataclass
 class Args:
     model: str = field(default="???", metadata={"choices": MODEL_NAMES})
-    # timm or transformers checkpoint (.safetensors, or .bin with torch), or 'imagenet' to
-    # download timm/<model>.cvnets_in1k
+    # timm or transformers checkpoint (.safetensors, or .bin with torch), or a weight source of
+    # the preset to download ('imagenet': timm/<model>.cvnets_in1k; 'imagenet22k[_384]' for
+    # mobilevitv2_150 / 175 / 200)
     checkpoint: str = "???"
     output: str = "???"
     format: Optional[str] = field(default=None, metadata={"choices": (None, "timm", "hf")})
-    image_size: int = 256
+    image_size: Optional[int] = None  # default: what the weights were evaluated at (256 or 384)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.atomic import replacing
     from trainer.models.head import build_classifier
     from trainer.models.mobilevit import MobileViTBackbone
+    from trainer.models.presets import preprocessing, preset
     from trainer.models.weights import (
         download_checkpoint,
         load_torch_state,
@@ -48,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.serving.savedmodel import export_float_savedmodel, feature_model
 
     model = build_classifier(MobileViTBackbone.from_preset(args.model), 1000)
+    source = args.checkpoint if args.checkpoint in preset(args.model).weights else "imagenet"
+    size = args.image_size or preprocessing(args.model, source)[0]
     try:
-        path = (download_checkpoint(args.model) if args.checkpoint == "imagenet"
-                else Path(args.checkpoint))
+        path = (download_checkpoint(args.model, source)
+                if args.checkpoint in preset(args.model).weights else Path(args.checkpoint))
         load_torch_state(model, read_checkpoint(path), args.format, source=str(path))
     except CheckpointError as e:
         fail(str(e))
@@ -58,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     weights = output / f"{args.model}.weights.h5"
     with replacing(weights) as tmp:  # never a half-written weights file
         model.save_weights(str(tmp))
-    export_float_savedmodel(model, output / "classifier", args.image_size, "logits")
-    export_float_savedmodel(model, output / "feature_extractor", args.image_size, "features")
+    export_float_savedmodel(model, output / "classifier", size, "logits")
+    export_float_savedmodel(model, output / "feature_extractor", size, "features")
     print(f"wrote {output}/classifier, {output}/feature_extractor "
           f"({feature_model(model).output.shape[-1]} features) and {weights}")
     return 0

@@ -44,7 +44,9 @@ def test_recipes_are_on_the_search_path():
 
 
 def test_group_options_are_the_documented_ones():
-    assert options("model") == ["mobilevit_s", "mobilevit_xs", "mobilevit_xxs"]
+    assert options("model") == ["mobilevit_s", "mobilevit_xs", "mobilevit_xxs", "mobilevitv2_050",
+                                "mobilevitv2_075", "mobilevitv2_100", "mobilevitv2_125",
+                                "mobilevitv2_150", "mobilevitv2_175", "mobilevitv2_200"]
     assert set(options("data")) >= {"flowers", "flowers102", "pets", "cifar10", "beans",
                                      "food101", "folder", "digits"}
 
@@ -56,7 +58,7 @@ def test_group_options_are_the_documented_ones():
     (["model=mobilevit_m"], "model=mobilevit_m is not an option; choose one of mobilevit_s, "
                             "mobilevit_xs, mobilevit_xxs"),
     (["experiment=nope"], "experiment=nope is not an option; choose one of beans_xxs, "
-                          "cifar10_xxs, digits_0to4_pretrain"),
+                          "cifar10_v2_075, cifar10_xxs, digits_0to4_pretrain"),
     (["trainer.batch_size=abc"], "trainer.batch_size: Value 'abc'"),
     (["optim.lr=-1"], "optim.lr=-1.0 is out of range; it must be > 0.0"),
     (["optim.lr=0"], "optim.lr=0.0 is out of range"),

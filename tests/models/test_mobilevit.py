@@ -14,6 +14,7 @@ import reference as R
 from helpers import ROOT
 
 from trainer.errors import CheckpointError
+from trainer.models import layers as L
 from trainer.models import mobilevit as M
 from trainer.models.weights import load_torch_state, read_checkpoint
 
@@ -93,8 +94,8 @@ def test_parity_bar_catches_known_bugs(monkeypatch):
         x = keras.ops.reshape(t, (b, h // patch, w // patch, patch, patch, c))
         return keras.ops.reshape(keras.ops.transpose(x, (0, 1, 3, 2, 4, 5)), (b, h, w, c))
 
-    monkeypatch.setattr(M, "_unfold", unfold_within_patches)
-    monkeypatch.setattr(M, "_fold", fold_within_patches)
+    monkeypatch.setattr(L, "_unfold", unfold_within_patches)
+    monkeypatch.setattr(L, "_fold", fold_within_patches)
     assert rel_err(expected, ours(images, training=False).numpy()) > 10 * TOL
 
 
@@ -173,7 +174,8 @@ def test_strict_loading_reports_names_and_shapes(tmp_path, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,fmt", [("mobilevit_xxs", "timm"), ("mobilevit_xs", "hf"),
-                                      ("mobilevit_s", "timm")])
+                                      ("mobilevit_s", "timm"), ("mobilevitv2_050", "timm"),
+                                      ("mobilevitv2_050", "hf")])
 def test_convert_cli_savedmodels_match(name, fmt, tmp_path, tmp_path_factory):
     """`python -m trainer.convert`, then the SavedModels loaded without this project."""
     ref, _, path = make_pair(name, fmt, tmp_path_factory)

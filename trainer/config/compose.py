@@ -22,6 +22,7 @@ from trainer.config import schema
 from trainer.config.schema import Config
 from trainer.config.validate import validate
 from trainer.errors import ConfigError
+from trainer.models.presets import preset
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = str(ROOT / "conf")
@@ -41,9 +42,12 @@ class RecipesSearchPath(SearchPathPlugin):
 
 
 def register() -> None:
-    """What composing our config needs, once per process: the schema, the recipes' search path."""
+    """What composing our config needs, once per process: the schema, the recipes' search path,
+    the `preset` resolver."""
     schema.register()
     Plugins.instance().register(RecipesSearchPath)
+    if not OmegaConf.has_resolver("preset"):  # data.crop_pct, data.interpolation default to it
+        OmegaConf.register_new_resolver("preset", lambda name, key: getattr(preset(name), key))
 
 
 def compose_config(overrides: Iterable[str] = (), config_name: str = "config",

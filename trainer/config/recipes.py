@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from trainer.config.compose import RECIPES_DIR, compose_config, one_line
 from trainer.config.validate import validate
 from trainer.errors import ConfigError
+from trainer.models.presets import preset
 
 SMOKE = ["trainer.steps_per_epoch=2", "trainer.eval_steps=1", "trainer.batch_size=4",
          "data.image_size=32", "data.shuffle_buffer=16", "logger.tensorboard=false",
@@ -62,7 +63,7 @@ def smoke_overrides(cfg, needed: bool = False) -> list[str]:
     out += [f"finetune.stages.{i}.epochs=1" for i, s in enumerate(stages) if s.epochs is not None]
     if cfg.data.source == "tfds":
         out.append(f"data.mock_examples={MOCK_EXAMPLES}")
-    if cfg.model.pretrained == "imagenet":
+    if cfg.model.pretrained in preset(cfg.model.name).weights:
         out.append("model.pretrained=none")  # not fetched in a smoke run
     return out
 

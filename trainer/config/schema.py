@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import SI
 
 from trainer.errors import ConfigError
 from trainer.models.presets import MODEL_NAMES
@@ -27,6 +28,7 @@ ModelName = _choice("ModelName", *MODEL_NAMES)
 CheckpointFormat = _choice("CheckpointFormat", "timm", "hf")
 Source = _choice("Source", "tfds", "folder", "digits")
 OnError = _choice("OnError", "skip", "fail")
+Interpolation = _choice("Interpolation", "bilinear", "bicubic")
 AugName = _choice("AugName", "none", "basic", "randaugment", "strong")
 OptimName = _choice("OptimName", "adamw", "sgd", "lamb", "lion")
 LrScaling = _choice("LrScaling", "none", "linear", "sqrt")
@@ -70,7 +72,10 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.0  # carve a test split from train too (digits)
     image_size: int = 256
-    crop_pct: float = 0.9  # eval: resize the short side to size / crop_pct, centre-crop
+    # Evaluation and export: resize the short side to size / crop_pct (this interpolation,
+    # antialiased), centre-crop. Default: what the model preset's weights were evaluated with.
+    crop_pct: float = SI("${preset:${model.name},crop_pct}")
+    interpolation: Interpolation = SI("${preset:${model.name},interpolation}")
     shuffle_buffer: int = 2048
     on_error: OnError = OnError.skip  # folder: skip or fail on undecodable files
     classes: Optional[List[str]] = None  # keep only these classes (relabelled 0..k-1, this order)

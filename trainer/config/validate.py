@@ -17,6 +17,7 @@ from trainer.config.schema import (
     stage_plan,
 )
 from trainer.errors import ConfigError
+from trainer.models.presets import preset
 
 
 def _choice(key: str, value: Any, allowed) -> None:
@@ -69,9 +70,11 @@ def validate(cfg) -> None:
 def _model(m) -> None:
     for key in ("head_dropout", "dropout", "drop_path_rate"):
         _range(f"model.{key}", m[key], 0.0, 1.0, high_open=True)
-    if m.pretrained not in ("imagenet", "none") and not Path(m.pretrained).expanduser().exists():
+    sources = list(preset(m.name).weights)  # imagenet, and imagenet22k[_384] for some v2 widths
+    if m.pretrained not in (*sources, "none") and not Path(m.pretrained).expanduser().exists():
         raise ConfigError(f"model.pretrained={m.pretrained!r}: no such file or directory; use "
-                          f"imagenet, none, a checkpoint file or a run directory")
+                          f"{', '.join(sources)} (the weights {m.name} has), none, a checkpoint "
+                          f"file or a run directory")
 
 
 def _data(d) -> None:

@@ -29,6 +29,11 @@ def random_resized_crop(image: tf.Tensor, size: int, scale, ratio, seed: tf.Tens
     return tf.clip_by_value(image, 0.0, 1.0)
 
 
+def interpolation(data_cfg) -> str:
+    """The evaluation resize of a data config (bilinear in runs made before it was a key)."""
+    return str(data_cfg.get("interpolation", "bilinear"))
+
+
 def train_preprocess(image: tf.Tensor, seed: tf.Tensor, data_cfg, aug_cfg,
                      policy: ImagePolicy | None = None, size=None) -> tf.Tensor:
     """uint8 image -> float32 [size, size, 3] in [0, 1]: crop, flip, then the image policy.
@@ -39,7 +44,7 @@ def train_preprocess(image: tf.Tensor, seed: tf.Tensor, data_cfg, aug_cfg,
     if aug_cfg.random_resized_crop:
         image = random_resized_crop(image, size, aug_cfg.scale, aug_cfg.ratio, seed)
     else:
-        image = eval_preprocess(image, size, data_cfg.crop_pct)
+        image = eval_preprocess(image, size, data_cfg.crop_pct, interpolation(data_cfg))
     static = size if isinstance(size, int) else None
     image = tf.ensure_shape(image, [static, static, 3])  # Keras' colour ops need the channels
     if aug_cfg.hflip:
@@ -122,7 +127,7 @@ def _shard_by_data() -> tf.data.Options:
 
 def eval_pipeline(ds: tf.data.Dataset, data_cfg, batch_size: int) -> tf.data.Dataset:
     """Every example once, in order, with the evaluation preprocessing."""
-    size, crop_pct = data_cfg.image_size, data_cfg.crop_pct
-    ds = ds.map(lambda image, label: (eval_preprocess(image, size, crop_pct), label),
+    size, crop_pct, method = data_cfg.image_size, data_cfg.crop_pct, interpolation(data_cfg)
+    ds = ds.map(lambda image, label: (eval_preprocess(image, size, crop_pct, method), label),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(_shard_by_data())

@@ -13,6 +13,7 @@ import keras
 from trainer.models.head import classifier_outputs
 from trainer.models.mobilevit import MobileViTBackbone
 from trainer.models.preprocessing import MobileViTPreprocessor
+from trainer.models.presets import preset
 from trainer.models.weights import IMAGENET_CLASSES, load_weights
 
 
@@ -55,7 +56,8 @@ class MobileViTClassifier(keras.Model):
         checkpoint's when it has `num_classes` outputs (1000 for ImageNet, or a run's own classes),
         else new. `preprocessing=True` puts the preset's `MobileViTPreprocessor` in front."""
         backbone = MobileViTBackbone.from_preset(name, **backbone_overrides)
-        preprocessor = MobileViTPreprocessor.from_preset(name) if preprocessing else None
+        source = weights if weights in preset(name).weights else "imagenet"
+        preprocessor = MobileViTPreprocessor.from_preset(name, source) if preprocessing else None
         model = cls(backbone, num_classes, dropout, preprocessor)
         if weights is not None:
             load_weights(model, weights, name, checkpoint_format)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from trainer.models.presets import preset
+from trainer.models.presets import preprocessing
 
 INTERPOLATIONS = ("bilinear", "bicubic")
 
@@ -67,10 +67,13 @@ class MobileViTPreprocessor(keras.layers.Layer):
         self.image_size, self.crop_pct, self.interpolation = image_size, crop_pct, interpolation
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> MobileViTPreprocessor:
-        spec = preset(name)
-        return cls(**{"image_size": spec.image_size, "crop_pct": spec.crop_pct,
-                      "interpolation": spec.interpolation, **overrides})
+    def from_preset(cls, name: str, source: str = "imagenet", **overrides
+                    ) -> MobileViTPreprocessor:
+        """What the preset's `source` weights were evaluated with (e.g. 384 px, crop 1.0 for
+        "imagenet22k_384")."""
+        size, crop, interpolation = preprocessing(name, source)
+        return cls(**{"image_size": size, "crop_pct": crop, "interpolation": interpolation,
+                      **overrides})
 
     def call(self, images):
         return eval_preprocess(images, self.image_size, self.crop_pct, self.interpolation)

@@ -6,7 +6,9 @@ pre-check read its weight sources, bench measures every preset. Preprocessing is
 reference (timm's pretrained config of the same weights) evaluates with.
 
 A v1 architecture: one row per stage after the stem, MobileNetV2 blocks ("mv2") or a stride-2
-MV2 followed by a MobileViT block ("vit": transformer width `dim`, `depth` layers).
+MV2 followed by a MobileViT block ("vit": transformer width `dim`, `depth` layers). v2 (width
+multiplier 0.5 ... 2.0) has the same rows with separable-attention blocks ("vit2") and no final
+1x1 conv, its widths computed as timm and ml-cvnets do.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class Preset:
     image_size: int = 256  # the resolution the weights were trained and evaluated at
     crop_pct: float = 0.9  # evaluation: resize the short side to size / crop_pct, centre-crop
     interpolation: str = "bicubic"  # the reference's evaluation resize
+    # weight source -> (image_size, crop_pct) where that source was evaluated differently
+    source_preprocessing: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 def _v1(name: str, stem: int, expand: float, final: int, widths: list[tuple]) -> Preset:
@@ -42,10 +46,38 @@ def _v1(name: str, stem: int, expand: float, final: int, widths: list[tuple]) ->
                   weights={"imagenet": f"timm/{name}.cvnets_in1k"})
 
 
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Channel rounding of MobileNetV2 / ml-cvnets / timm (never more than 10% below `value`)."""
+    new = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * value else new
+
+
+def _v2(multiplier: float, in22k: bool = False) -> Preset:
+    """timm's `_mobilevitv2_cfg`: widths int(c * multiplier), attention width half the stage's."""
+    name = f"mobilevitv2_{round(multiplier * 100):03d}"
+    c = [int(w * multiplier) for w in (64, 128, 256, 384, 512)]
+    stages = [dict(type="mv2", channels=c[0], depth=1, stride=1),
+              dict(type="mv2", channels=c[1], depth=2, stride=2)]
+    stages += [dict(type="vit2", channels=ch, stride=2, dim=make_divisible(ch * 0.5), depth=d)
+               for ch, d in zip(c[2:], (2, 4, 3))]
+    weights = {"imagenet": f"timm/{name}.cvnets_in1k"}
+    if in22k:  # ImageNet-22k pretraining, fine-tuned on 1k at 256 and at 384
+        weights.update(imagenet22k=f"timm/{name}.cvnets_in22k_ft_in1k",
+                       imagenet22k_384=f"timm/{name}.cvnets_in22k_ft_in1k_384")
+    return Preset(name, dict(stem_channels=int(32 * multiplier), expand_ratio=2.0,
+                             final_channels=None, stages=stages),
+                  weights=weights, crop_pct=0.888,
+                  source_preprocessing={"imagenet22k_384": (384, 1.0)} if in22k else {})
+
+
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     _v1("mobilevit_xxs", 16, 2.0, 320, [16, 24, (48, 64), (64, 80), (80, 96)]),  # top-1 68.58
     _v1("mobilevit_xs", 16, 4.0, 384, [32, 48, (64, 96), (80, 120), (96, 144)]),  # 74.67
     _v1("mobilevit_s", 16, 4.0, 640, [32, 64, (96, 144), (128, 192), (160, 240)]),  # 78.38
+    # MobileViT v2, ImageNet-1k top-1 (ml-cvnets): 70.18 / 75.56 / 78.09 / 79.65 / 80.38 / 80.84 /
+    # 81.17
+    _v2(0.5), _v2(0.75), _v2(1.0), _v2(1.25),
+    _v2(1.5, in22k=True), _v2(1.75, in22k=True), _v2(2.0, in22k=True),
 )}
 MODEL_NAMES = tuple(PRESETS)
 
@@ -54,6 +86,13 @@ def preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown MobileViT preset {name!r}; allowed: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def preprocessing(name: str, source: str = "imagenet") -> tuple[int, float, str]:
+    """(image_size, crop_pct, interpolation) the preset's `source` weights were evaluated with."""
+    spec = preset(name)
+    size, crop = spec.source_preprocessing.get(source, (spec.image_size, spec.crop_pct))
+    return size, crop, spec.interpolation
 
 
 def hub_repo(name: str, source: str = "imagenet") -> str:

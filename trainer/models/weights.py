@@ -1,6 +1,6 @@
 """Pretrained weights: read timm / transformers checkpoints, convert them strictly, download and cache.
 
-Where each tensor goes is written as data (`_checkpoint_keys`): for every Keras layer of the
+Where each tensor goes is written as data (`checkpoint_keys`): for every Keras layer of the
 backbone, the checkpoint keys of its weights in PyTorch layout, for both naming schemes. Loading is
 strict: every checkpoint tensor is used, every backbone weight is assigned, and all mismatches are
 reported together by name and shape.
@@ -63,20 +63,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def detect_format(state: dict[str, np.ndarray]) -> str:
-    if any(k.startswith("mobilevit.") for k in state):
+    if any(k.startswith(("mobilevit.", "mobilevitv2.")) for k in state):
         return "hf"
     if "stem.conv.weight" in state:
         return "timm"
     raise CheckpointError("checkpoint is neither timm MobileViT (no 'stem.conv.weight') nor "
-                          "transformers MobileViT (no 'mobilevit.*' keys)")
+                          "transformers MobileViT (no 'mobilevit.*' or 'mobilevitv2.*' keys)")
 
 
 # --------------------------------------------------------------------------- the key table
 
 
-def _checkpoint_keys(backbone: keras.Model, fmt: str) -> dict[str, list[str]]:
+def checkpoint_keys(backbone: keras.Model, fmt: str) -> dict[str, list[str]]:
     """Keras layer name -> checkpoint keys of its weights, in the Keras weight order."""
     hf = fmt == "hf"
+    root = "mobilevitv2" if is_v2(backbone) else "mobilevit"  # transformers' module name
     keys: dict[str, list[str]] = {}
 
     def conv_bn(keras_name: str, prefix: str) -> None:
@@ -94,9 +95,35 @@ def _checkpoint_keys(backbone: keras.Model, fmt: str) -> dict[str, list[str]]:
     def linear(keras_name: str, prefix: str) -> None:
         keys[keras_name] = [f"{prefix}.weight", f"{prefix}.bias"]
 
-    conv_bn("stem", "mobilevit.conv_stem" if hf else "stem")
+    def v1_layer(t: str, k: str) -> None:
+        if hf:
+            linear(f"{t}_norm1", f"{k}.layernorm_before")
+            keys[f"{t}_attn"] = [f"{k}.attention.{n}.{w}" for n in (
+                "attention.query", "attention.key", "attention.value", "output.dense")
+                for w in ("weight", "bias")]
+            linear(f"{t}_norm2", f"{k}.layernorm_after")
+            linear(f"{t}_fc1", f"{k}.intermediate.dense")
+            linear(f"{t}_fc2", f"{k}.output.dense")
+        else:
+            linear(f"{t}_norm1", f"{k}.norm1")
+            keys[f"{t}_attn"] = [f"{k}.attn.qkv.weight", f"{k}.attn.qkv.bias",
+                                 f"{k}.attn.proj.weight", f"{k}.attn.proj.bias"]
+            linear(f"{t}_norm2", f"{k}.norm2")
+            linear(f"{t}_fc1", f"{k}.mlp.fc1")
+            linear(f"{t}_fc2", f"{k}.mlp.fc2")
+
+    def v2_layer(t: str, k: str) -> None:  # 1x1 convs with bias, as Dense layers here
+        conv = ".convolution" if hf else ""
+        names = (("layernorm_before", "attention.qkv_proj", "attention.out_proj",
+                  "layernorm_after", "ffn.conv1", "ffn.conv2") if hf else
+                 ("norm1", "attn.qkv_proj", "attn.out_proj", "norm2", "mlp.fc1", "mlp.fc2"))
+        for part, torch_name in zip(("norm1", "attn_qkv", "attn_out", "norm2", "fc1", "fc2"),
+                                    names):
+            linear(f"{t}_{part}", f"{k}.{torch_name}" + (conv if "norm" not in part else ""))
+
+    conv_bn("stem", f"{root}.conv_stem" if hf else "stem")
     for si, stage in enumerate(backbone.stages):
-        stage_prefix = f"mobilevit.encoder.layer.{si}" if hf else f"stages.{si}"
+        stage_prefix = f"{root}.encoder.layer.{si}" if hf else f"stages.{si}"
         if stage["type"] == "mv2":
             for bi in range(stage["depth"]):
                 mv2(f"stage{si}_mv2_{bi}", f"{stage_prefix}.layer.{bi}" if hf
@@ -109,27 +136,19 @@ def _checkpoint_keys(backbone: keras.Model, fmt: str) -> dict[str, list[str]]:
         keys[f"{vit}_to_tokens"] = [f"{p}.conv_1x1.convolution.weight" if hf
                                     else f"{p}.conv_1x1.weight"]
         for i in range(stage["depth"]):
-            t, k = f"{vit}_tf{i}", (f"{p}.transformer.layer.{i}" if hf else f"{p}.transformer.{i}")
-            if hf:
-                linear(f"{t}_norm1", f"{k}.layernorm_before")
-                keys[f"{t}_attn"] = [f"{k}.attention.{n}.{w}" for n in (
-                    "attention.query", "attention.key", "attention.value", "output.dense")
-                    for w in ("weight", "bias")]
-                linear(f"{t}_norm2", f"{k}.layernorm_after")
-                linear(f"{t}_fc1", f"{k}.intermediate.dense")
-                linear(f"{t}_fc2", f"{k}.output.dense")
-            else:
-                linear(f"{t}_norm1", f"{k}.norm1")
-                keys[f"{t}_attn"] = [f"{k}.attn.qkv.weight", f"{k}.attn.qkv.bias",
-                                     f"{k}.attn.proj.weight", f"{k}.attn.proj.bias"]
-                linear(f"{t}_norm2", f"{k}.norm2")
-                linear(f"{t}_fc1", f"{k}.mlp.fc1")
-                linear(f"{t}_fc2", f"{k}.mlp.fc2")
+            layer = v2_layer if stage["type"] == "vit2" else v1_layer
+            layer(f"{vit}_tf{i}", f"{p}.transformer.layer.{i}" if hf else f"{p}.transformer.{i}")
         linear(f"{vit}_norm", f"{p}.layernorm" if hf else f"{p}.norm")
         conv_bn(f"{vit}_proj", f"{p}.conv_projection" if hf else f"{p}.conv_proj")
-        conv_bn(f"{vit}_fusion", f"{p}.fusion" if hf else f"{p}.conv_fusion")
-    conv_bn("final", "mobilevit.conv_1x1_exp" if hf else "final_conv")
+        if stage["type"] == "vit":
+            conv_bn(f"{vit}_fusion", f"{p}.fusion" if hf else f"{p}.conv_fusion")
+    if backbone.final_channels:
+        conv_bn("final", f"{root}.conv_1x1_exp" if hf else "final_conv")
     return keys
+
+
+def is_v2(backbone: keras.Model) -> bool:
+    return any(stage["type"] == "vit2" for stage in backbone.stages)
 
 
 def _head_keys(fmt: str) -> list[str]:
@@ -146,8 +165,8 @@ def _to_keras(layer: keras.layers.Layer, arrays: list[np.ndarray]) -> list[np.nd
         return [arrays[0].transpose(2, 3, 0, 1)]  # (C, 1, kh, kw) -> (kh, kw, C, 1)
     if isinstance(layer, keras.layers.Conv2D):
         return [arrays[0].transpose(2, 3, 1, 0)]  # (out, in, kh, kw) -> (kh, kw, in, out)
-    if isinstance(layer, keras.layers.Dense):
-        return [arrays[0].T, arrays[1]]
+    if isinstance(layer, keras.layers.Dense):  # a Linear, or a 1x1 Conv2d (out, in, 1, 1)
+        return [arrays[0].reshape(arrays[0].shape[0], -1).T, arrays[1]]
     if isinstance(layer, keras.layers.MultiHeadAttention):
         if len(arrays) == 4:  # timm's fused qkv: rows are [q; k; v]
             qkv_w, qkv_b, out_w, out_b = arrays
@@ -165,8 +184,11 @@ def load_torch_state(model: keras.Model, state: dict[str, np.ndarray], fmt: str 
                      source: str = "checkpoint") -> bool:
     """Assign a timm/transformers state dict to `model` (a backbone or a classifier), strictly.
 
-    The head is loaded only when the model has a 1000-class head. transformers checkpoints were
-    trained on BGR images: the channel flip is folded into the stem so the model takes RGB.
+    The head is loaded only when the model has a 1000-class head. transformers checkpoints take
+    BGR images (its image processor flips the channels, for v1 and v2 alike; its v2 documentation
+    says so too): the flip is folded into the stem so the model takes RGB. For v2 this follows
+    transformers' documentation, not a comparison of weights: `bench/hf_channel_order.py` checks
+    it where the published checkpoints can be downloaded.
     Returns whether the head was loaded.
     """
     fmt = fmt or detect_format(state)
@@ -174,7 +196,7 @@ def load_torch_state(model: keras.Model, state: dict[str, np.ndarray], fmt: str 
         raise CheckpointError(f"checkpoint format must be 'timm' or 'hf', got {fmt!r}")
     backbone = find_backbone(model)
     head = head_layer(model)
-    table = _checkpoint_keys(backbone, fmt)
+    table = checkpoint_keys(backbone, fmt)
     targets = {name: backbone.get_layer(name) for name in table}
     load_head = head is not None and head.units == IMAGENET_CLASSES
     if load_head:

@@ -23,7 +23,7 @@ def load_run(run_dir: str | Path, preprocessing: bool = False) -> keras.Model:
 
     `preprocessing=False`: float32 RGB in [0, 1], as trained (at the run's data.image_size).
     `preprocessing=True`: uint8 RGB [N, H, W, 3] of any size, resized and centre-cropped as the
-    run evaluated (its data.image_size and data.crop_pct).
+    run evaluated (its data.image_size, crop_pct and interpolation).
     The class names are in `RUN_DIR/dataset.json` and on the returned model as `class_names`.
     """
     run_dir = Path(run_dir).expanduser()
@@ -36,7 +36,8 @@ def load_run(run_dir: str | Path, preprocessing: bool = False) -> keras.Model:
     if preprocessing:
         data = load_config(run_dir).data
         images = keras.Input(shape=(None, None, 3), dtype="uint8", name="images")
-        prep = MobileViTPreprocessor(int(data.image_size), float(data.crop_pct))
+        prep = MobileViTPreprocessor(int(data.image_size), float(data.crop_pct),
+                                     str(data.get("interpolation", "bilinear")))
         model = keras.Model(images, model(prep(images)), name=f"{model.name}_raw_images")
     info = run_dir / "dataset.json"
     model.class_names = json.loads(info.read_text())["class_names"] if info.is_file() else None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from trainer.data.files import tfds_advice, tfds_prepared, tfds_urls
 from trainer.errors import PreflightError
-from trainer.models.presets import HUB_FILE, hub_repo, hub_url
+from trainer.models.presets import HUB_FILE, hub_repo, hub_url, preset
 
 PROBE_TIMEOUT_S = 3.0  # DNS, connect and first answer of one probe
 
@@ -37,10 +37,10 @@ class Need:
 # --------------------------------------------------------------------------- what a run needs
 
 
-def hub_cached(name: str) -> bool:
+def hub_cached(name: str, source: str = "imagenet") -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(hub_repo(name), HUB_FILE), str)
+    return isinstance(try_to_load_from_cache(hub_repo(name, source), HUB_FILE), str)
 
 
 def needs(data_cfg, model_cfg) -> list[Need]:
@@ -51,10 +51,13 @@ def needs(data_cfg, model_cfg) -> list[Need]:
         name = data_cfg.tfds_name
         out.append(Need(f"TFDS dataset {name}", tfds_urls(name),
                         tfds_advice(name, data_cfg.data_dir)))
-    if model_cfg.pretrained == "imagenet" and not hub_cached(model_cfg.name):
+    name, source = model_cfg.name, model_cfg.pretrained
+    if source in preset(name).weights and not hub_cached(name, source):
+        url = hub_url(name, source)
         out.append(Need(
-            f"the ImageNet weights of {model_cfg.name}", (hub_url(model_cfg.name),),
-            f"where there is internet fetch {hub_url(model_cfg.name)}, then set "
+            "the ImageNet weights of " + name + ("" if source == "imagenet" else f" ({source})"),
+            (url,),
+            f"where there is internet fetch {url}, then set "
             f"model.pretrained=/path/to/{HUB_FILE} (or model.pretrained=none to train from "
             f"scratch)",
             "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")

@@ -18,11 +18,13 @@ class ModelCard:
     source: str  # tfds | folder | digits
     image_size: int
     crop_pct: float
+    interpolation: str = "bilinear"
 
     @classmethod
     def from_config(cls, cfg) -> ModelCard:
         return cls(cfg.model.name, cfg.model.pretrained, cfg.data.name, cfg.data.source,
-                   cfg.data.image_size, cfg.data.crop_pct)
+                   cfg.data.image_size, cfg.data.crop_pct,
+                   str(cfg.data.get("interpolation", "bilinear")))
 
 
 def write_model_card(path: Path, card: ModelCard, class_names: list[str], metrics: dict,
@@ -40,7 +42,7 @@ def write_model_card(path: Path, card: ModelCard, class_names: list[str], metric
   {len(class_names)}-class head.
 - Data: `{card.data}` ({card.source}); classes: {shown}
 - Preprocessing (inside every signature): RGB; resize the short side to
-  ceil({size} / {crop}) pixels (bilinear, antialiased), centre-crop {size}x{size}, scale to [0, 1].
+  ceil({size} / {crop}) pixels ({card.interpolation}, antialiased), centre-crop {size}x{size}, scale to [0, 1].
 
 ## Metrics
 

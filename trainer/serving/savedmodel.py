@@ -96,12 +96,13 @@ def check_reload(path: Path, images: np.ndarray, expected: np.ndarray, key: str,
 RELOAD_TOLERANCE = 1e-4
 
 
-def _image_signatures(net: keras.Model, image_size: int, crop_pct: float, outputs: Callable):
+def _image_signatures(net: keras.Model, image_size: int, crop_pct: float, interpolation: str,
+                      outputs: Callable):
     """serving_default (uint8, any size), serve_bytes (JPEG/PNG), serve_float (the TF Hub one)."""
     # Traced once and called by all three signatures: each would otherwise trace the network.
     forward = frozen_forward(net, image_size)
     # The public preprocessing layer: what a user's own Keras model gets from the library API.
-    preprocess = MobileViTPreprocessor(image_size, crop_pct)
+    preprocess = MobileViTPreprocessor(image_size, crop_pct, interpolation)
 
     def run(images):
         return outputs(forward(images))
@@ -129,7 +130,7 @@ def _image_signatures(net: keras.Model, image_size: int, crop_pct: float, output
 
 
 def export_classifier(model: keras.Model, path: Path, class_names: list[str], image_size: int,
-                      crop_pct: float) -> Path:
+                      crop_pct: float, interpolation: str = "bilinear") -> Path:
     names = tf.constant(class_names)
     k = min(TOP_K, len(class_names))
 
@@ -138,14 +139,15 @@ def export_classifier(model: keras.Model, path: Path, class_names: list[str], im
         return {"logits": logits, "probabilities": tf.nn.softmax(logits),
                 "top_k_indices": top.indices, "top_k_names": tf.gather(names, top.indices)}
 
-    endpoints = _image_signatures(model, image_size, crop_pct, outputs)
+    endpoints = _image_signatures(model, image_size, crop_pct, interpolation, outputs)
     return replacing_dir(path, lambda tmp: _save(tmp, endpoints))
 
 
 def export_feature_extractor(model: keras.Model, path: Path, image_size: int,
-                             crop_pct: float) -> Path:
+                             crop_pct: float, interpolation: str = "bilinear") -> Path:
     net = feature_model(model)
-    endpoints = _image_signatures(net, image_size, crop_pct, lambda f: {"features": f})
+    endpoints = _image_signatures(net, image_size, crop_pct, interpolation,
+                                  lambda f: {"features": f})
     return replacing_dir(path, lambda tmp: _save(tmp, endpoints))
 
 
@@ -174,14 +176,14 @@ def export_run(model: keras.Model, class_names: list[str], export_cfg, card: Mod
     `card` names the model, data and preprocessing. Returns what the export measured (reload
     difference, LiteRT sizes and agreement).
     """
-    size, crop = card.image_size, card.crop_pct
+    size, crop, method = card.image_size, card.crop_pct, card.interpolation
     result: dict = {}
 
     def write(out: Path) -> None:  # into a temporary directory, swapped in when complete
         # Every served file computes in float32, whatever precision the model trained in.
         served = float32_copy(model)
-        export_classifier(served, out / "classifier", class_names, size, crop)
-        export_feature_extractor(served, out / "feature_extractor", size, crop)
+        export_classifier(served, out / "classifier", class_names, size, crop, method)
+        export_feature_extractor(served, out / "feature_extractor", size, crop, method)
         save_keras(model, out / "model.keras")  # as trained, to fine-tune further
         check = collect_images(val_ds, export_cfg.check_images)
         expected = served(check, training=False).numpy()
