@@ -60,3 +60,14 @@ def pytest_unconfigure(config):
         import shutil
 
         shutil.rmtree(os.environ.pop("MATRIX_RESULTS"), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def timm_xxs(tmp_path_factory):
+    """(timm MobileViT-XXS with discriminative random weights, its model.safetensors on disk)."""
+    import reference as R
+
+    ref = R.timm_model("mobilevit_xxs", seed=3)
+    path = tmp_path_factory.mktemp("timm-xxs") / "model.safetensors"
+    R.save_state(ref, path)
+    return ref, path

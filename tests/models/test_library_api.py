@@ -25,15 +25,6 @@ PARAMS = {"mobilevit_xxs": (1_272_024, 951_024), "mobilevit_xs": (2_317_848, 1_9
           "mobilevit_s": (5_578_632, 4_937_632)}
 
 
-@pytest.fixture(scope="module")
-def timm_xxs(tmp_path_factory):
-    """A timm MobileViT-XXS checkpoint on disk (random, discriminative weights)."""
-    ref = R.timm_model("mobilevit_xxs", seed=7)
-    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    R.save_state(ref, path)
-    return ref, path
-
-
 def digits_32(n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits as 32x32 RGB floats in [0, 1] (nearest-neighbour upscaled)."""
     from sklearn.datasets import load_digits

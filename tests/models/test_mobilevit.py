@@ -94,8 +94,8 @@ def test_parity_bar_catches_known_bugs(monkeypatch):
         x = keras.ops.reshape(t, (b, h // patch, w // patch, patch, patch, c))
         return keras.ops.reshape(keras.ops.transpose(x, (0, 1, 3, 2, 4, 5)), (b, h, w, c))
 
-    monkeypatch.setattr(L, "_unfold", unfold_within_patches)
-    monkeypatch.setattr(L, "_fold", fold_within_patches)
+    monkeypatch.setattr(L, "unfold_patches", unfold_within_patches)
+    monkeypatch.setattr(L, "fold_patches", fold_within_patches)
     assert rel_err(expected, ours(images, training=False).numpy()) > 10 * TOL
 
 

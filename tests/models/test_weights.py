@@ -17,14 +17,6 @@ from trainer.models import mobilevit as M
 from trainer.models.weights import load_weights, read_checkpoint
 
 
-@pytest.fixture(scope="module")
-def timm_xxs(tmp_path_factory):
-    ref = R.timm_model("mobilevit_xxs", seed=3)
-    path = tmp_path_factory.mktemp("w") / "model.safetensors"
-    R.save_state(ref, path)
-    return ref, path
-
-
 def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **env})

@@ -24,10 +24,11 @@ from allpairspy import AllPairs
 from helpers import ROOT
 
 # Each case costs about a minute on 2 cores (tracing the step, exporting), so values are chosen
-# where code paths differ: one model family for now (MobileViT v2 joins here as a line), one
+# where code paths differ: the smallest model of each family (v1 and v2), one
 # LiteRT variant per value (float32 / dynamic-range LiteRT from a mixed-precision model are in
 # tests/training/test_distribute.py, every variant from a float32 model in tests/serving/test_export.py).
 OPTIONS: dict[str, list[str]] = {
+    "model": ["model=mobilevit_xxs", "model=mobilevitv2_050"],
     "aug": ["aug=none", "aug=basic", "aug=randaugment", "aug=strong"],
     "multiscale": ["aug.multiscale_sizes=[]", "aug.multiscale_sizes=[24,32,40]"],
     "precision": ["trainer.precision=float32", "trainer.precision=mixed_float16",

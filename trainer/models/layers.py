@@ -43,7 +43,7 @@ class DropPath(layers.Layer):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
-def _unfold(x, patch: int):
+def unfold_patches(x, patch: int):
     """[B, H, W, C] -> [B * P, N, C]: token n of sequence b * P + p is pixel p of patch n."""
     b, h, w, c = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2], x.shape[-1]
     x = ops.reshape(x, (b, h // patch, patch, w // patch, patch, c))
@@ -51,8 +51,8 @@ def _unfold(x, patch: int):
     return ops.reshape(x, (b * patch * patch, (h // patch) * (w // patch), c))
 
 
-def _fold(tokens, h, w, patch: int):
-    """Inverse of `_unfold` for a map of size h x w (both multiples of `patch`)."""
+def fold_patches(tokens, h, w, patch: int):
+    """Inverse of `unfold_patches` for a map of size h x w (both multiples of `patch`)."""
     c = tokens.shape[-1]
     b = ops.shape(tokens)[0] // (patch * patch)
     x = ops.reshape(tokens, (b, patch, patch, h // patch, w // patch, c))
@@ -82,18 +82,25 @@ def _resize_if_needed(x, h, w, new_h, new_w):
     )
 
 
-@keras.saving.register_keras_serializable(package="mobilevit")
-class PatchUnfold(layers.Layer):
-    """Resize to a multiple of the patch size if needed (bilinear, half-pixel), then unfold."""
+class PatchLayer(layers.Layer):
+    """A layer that works on `patch_size` x `patch_size` patches (no weights)."""
 
     def __init__(self, patch_size: int = 2, **kwargs):
         super().__init__(**kwargs)
         self.patch_size = patch_size
 
+    def get_config(self):
+        return {**super().get_config(), "patch_size": self.patch_size}
+
+
+@keras.saving.register_keras_serializable(package="mobilevit")
+class PatchUnfold(PatchLayer):
+    """Resize to a multiple of the patch size if needed (bilinear, half-pixel), then unfold."""
+
     def call(self, x):
         h, w = ops.shape(x)[1], ops.shape(x)[2]
         new_h, new_w = padded_size(h, self.patch_size), padded_size(w, self.patch_size)
-        return _unfold(_resize_if_needed(x, h, w, new_h, new_w), self.patch_size)
+        return unfold_patches(_resize_if_needed(x, h, w, new_h, new_w), self.patch_size)
 
     def compute_output_shape(self, input_shape):
         b, h, w, c = input_shape
@@ -101,31 +108,21 @@ class PatchUnfold(layers.Layer):
         n = None if h is None or w is None else padded_size(h, p) * padded_size(w, p) // p**2
         return (None if b is None else b * p * p, n, c)
 
-    def get_config(self):
-        return {**super().get_config(), "patch_size": self.patch_size}
-
 
 @keras.saving.register_keras_serializable(package="mobilevit")
-class PatchFold(layers.Layer):
+class PatchFold(PatchLayer):
     """Fold tokens back to the size of `reference` (resizing back if unfold had to resize)."""
-
-    def __init__(self, patch_size: int = 2, **kwargs):
-        super().__init__(**kwargs)
-        self.patch_size = patch_size
 
     def call(self, inputs):
         tokens, reference = inputs
         h, w = ops.shape(reference)[1], ops.shape(reference)[2]
         new_h, new_w = padded_size(h, self.patch_size), padded_size(w, self.patch_size)
-        x = _fold(tokens, new_h, new_w, self.patch_size)
+        x = fold_patches(tokens, new_h, new_w, self.patch_size)
         return _resize_if_needed(x, new_h, new_w, h, w)
 
     def compute_output_shape(self, input_shapes):
         tokens, reference = input_shapes
         return tuple(reference[:3]) + (tokens[-1],)
-
-    def get_config(self):
-        return {**super().get_config(), "patch_size": self.patch_size}
 
 
 # --------------------------------------------------------------------------- building blocks

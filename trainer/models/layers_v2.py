@@ -18,22 +18,18 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from trainer.models.layers import DropPath, conv_bn, padded_size
+from trainer.models.layers import DropPath, PatchLayer, conv_bn, fold_patches, padded_size, unfold_patches
 
 GN_EPSILON = 1e-5
 
 
 @keras.saving.register_keras_serializable(package="mobilevit")
-class ResizeToPatches(layers.Layer):
+class ResizeToPatches(PatchLayer):
     """Resize up to a multiple of the patch size, bilinear with align_corners=True, if needed.
 
     TensorFlow's raw op: `tf.image.resize` and keras.ops have no align_corners, which the
     reference uses here (and LiteRT's RESIZE_BILINEAR supports).
     """
-
-    def __init__(self, patch_size: int = 2, **kwargs):
-        super().__init__(**kwargs)
-        self.patch_size = patch_size
 
     def call(self, x):
         h, w = ops.shape(x)[1], ops.shape(x)[2]
@@ -56,57 +52,35 @@ class ResizeToPatches(layers.Layer):
         return (b, None if h is None else padded_size(h, p), None if w is None else
                 padded_size(w, p), c)
 
-    def get_config(self):
-        return {**super().get_config(), "patch_size": self.patch_size}
-
 
 @keras.saving.register_keras_serializable(package="mobilevit")
-class PatchesToTokens(layers.Layer):
-    """[B, H, W, d] (H, W multiples of the patch size) -> [B, P, N, d]."""
-
-    def __init__(self, patch_size: int = 2, **kwargs):
-        super().__init__(**kwargs)
-        self.patch_size = patch_size
+class PatchesToTokens(PatchLayer):
+    """[B, H, W, d] (H, W multiples of the patch size) -> [B, P, N, d]: v1's unfold, with the
+    batch and pixel-position axes kept apart for the one-group GroupNorm."""
 
     def call(self, x):
-        p = self.patch_size
-        b, h, w, c = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2], x.shape[-1]
-        x = ops.reshape(x, (b, h // p, p, w // p, p, c))
-        x = ops.transpose(x, (0, 2, 4, 1, 3, 5))  # [B, ph, pw, nh, nw, d]
-        return ops.reshape(x, (b, p * p, (h // p) * (w // p), c))
+        p, b = self.patch_size, ops.shape(x)[0]
+        return ops.reshape(unfold_patches(x, p), (b, p * p, -1, x.shape[-1]))
 
     def compute_output_shape(self, input_shape):
         b, h, w, c = input_shape
         p = self.patch_size
         return (b, p * p, None if h is None or w is None else (h // p) * (w // p), c)
 
-    def get_config(self):
-        return {**super().get_config(), "patch_size": self.patch_size}
-
 
 @keras.saving.register_keras_serializable(package="mobilevit")
-class TokensToPatches(layers.Layer):
+class TokensToPatches(PatchLayer):
     """Inverse of `PatchesToTokens`, to the size of `reference` [B, H, W, *]."""
-
-    def __init__(self, patch_size: int = 2, **kwargs):
-        super().__init__(**kwargs)
-        self.patch_size = patch_size
 
     def call(self, inputs):
         tokens, reference = inputs
-        p = self.patch_size
-        b, c = ops.shape(tokens)[0], tokens.shape[-1]
+        p, b, c = self.patch_size, ops.shape(tokens)[0], tokens.shape[-1]
         h, w = ops.shape(reference)[1], ops.shape(reference)[2]
-        x = ops.reshape(tokens, (b, p, p, h // p, w // p, c))
-        x = ops.transpose(x, (0, 3, 1, 4, 2, 5))  # [B, nh, ph, nw, pw, d]
-        return ops.reshape(x, (b, h, w, c))
+        return fold_patches(ops.reshape(tokens, (b * p * p, -1, c)), h, w, p)
 
     def compute_output_shape(self, input_shapes):
         tokens, reference = input_shapes
         return tuple(reference[:3]) + (tokens[-1],)
-
-    def get_config(self):
-        return {**super().get_config(), "patch_size": self.patch_size}
 
 
 def group_norm(x, name: str):
