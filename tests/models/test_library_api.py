@@ -212,3 +212,16 @@ def test_compile_and_fit_under_mirrored_strategy(tmp_path):
     assert line.startswith("replicas 2 losses")
     losses = json.loads(line.split("losses", 1)[1])
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_model_export_writes_a_savedmodel_that_serves_the_same(tmp_path):
+    """`model.export(path)`, as Keras documents it: a SavedModel with the model's outputs."""
+    import tensorflow as tf
+
+    model = trainer.MobileViTClassifier.from_preset("mobilevit_xxs", num_classes=4,
+                                                    preprocessing=True)
+    raw = np.random.default_rng(1).integers(0, 256, (2, 200, 300, 3), dtype=np.uint8)
+    model.export(str(tmp_path / "saved"), verbose=False)
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))  # kept: it owns the variables
+    served = loaded.serve(tf.constant(raw)).numpy()
+    np.testing.assert_allclose(served, model.predict(raw, verbose=0), rtol=1e-5, atol=1e-5)
