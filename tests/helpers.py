@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +49,19 @@ def fake_hub_cache(root: Path, checkpoint: Path, repo_id: str = "timm/mobilevit_
     snapshot.mkdir(parents=True)
     (snapshot / "model.safetensors").write_bytes(checkpoint.read_bytes())
     return root
+
+
+# --------------------------------------------------------------------------- sweeps
+def sweep_command(args: list[str]) -> list[str]:
+    """`python -m trainer -m ARGS`: a multirun, as a user starts one."""
+    return [sys.executable, "-m", "trainer", "-m", *args]
+
+
+def env() -> dict:
+    """The environment of a trainer subprocess: this checkout importable, wandb quiet."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"}
+
+
+def trial_dirs(root: Path) -> list[Path]:
+    """The trial directories of the sweeps under `root`/multirun."""
+    return sorted(p.parent.parent for p in root.glob("multirun/*/*/.hydra/overrides.yaml"))

@@ -6,9 +6,7 @@ import csv
 import subprocess
 
 import yaml
-
-from tests.helpers import TINY, make_image_folder
-from tests.test_sweeps import env, sweep_command, trial_dirs
+from helpers import TINY, env, make_image_folder, sweep_command, trial_dirs
 
 
 def test_optuna_search_of_three_trials_reports_the_best(tmp_path):

@@ -7,29 +7,14 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from helpers import ROOT
-
-from tests.helpers import TINY
+from helpers import TINY, env, sweep_command, trial_dirs
 
 GRID = [*TINY, "trainer.export=false", "trainer.steps_per_epoch=4",
         "trainer.checkpoint_every_steps=1", "logger=wandb", "logger.mode=offline",
         "optim.lr=1e-3,3e-4", "seed=0,1"]
-
-
-def sweep_command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "trainer", "-m", *args]
-
-
-def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"}
-
-
-def trial_dirs(root: Path) -> list[Path]:
-    return sorted(p.parent.parent for p in root.glob("multirun/*/*/.hydra/overrides.yaml"))
 
 
 def kill_during_third_trial(cwd: Path) -> Path:

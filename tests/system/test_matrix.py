@@ -62,6 +62,12 @@ SMALL = ["model.pretrained=none", "data.image_size=32", "trainer.epochs=2",
 
 
 LITERT_BAR = {"float32": 1e-4, "float16": 1e-2, "dynamic_int8": 0.05, "int8": 0.05}
+# MobileViT v2 in full int8 drifts further in probability: 0.25 on an untrained 5-class matrix
+# model (outputs near 0.2), 0.27 on a digits model trained to 0.91 whose int8 top-1 agreement is
+# 1.0 (tests/models/test_mobilevit_v2.py holds that one to the export's 0.98 top-1 bar). Likely
+# cause, not yet measured: the fused q/k/v projection shares one int8 scale between the query
+# channel and the keys / values.
+V2_INT8_BAR = 0.35
 
 
 def _refused(row: list[str]) -> bool:
@@ -171,7 +177,9 @@ def test_case_trains_and_exports(row, folder, tmp_path):
         # Against the float32 model, in probabilities: after 4 steps the outputs are near uniform,
         # so top-1 agreement says nothing here (it does for trained models: tests/serving/test_export.py).
         for variant in litert:
-            assert checks[variant]["max_abs_prob_diff"] <= LITERT_BAR[variant], checks[variant]
+            bar = (V2_INT8_BAR if variant == "int8" and "model=mobilevitv2_050" in row
+                   else LITERT_BAR[variant])
+            assert checks[variant]["max_abs_prob_diff"] <= bar, checks[variant]
     run = json.loads((run_dir / "run.json").read_text())
     assert run["replicas"] == (2 if "trainer.cpu_replicas=2" in row else 1)
     assert run["precision"] == dict(zip(OPTIONS, row))["precision"].split("=")[1]
