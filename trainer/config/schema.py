@@ -230,7 +230,7 @@ def stage_plan(cfg) -> list[Stage]:
     f, total = cfg.finetune, cfg.trainer.epochs
     if not f.stages:
         train = "head" if cfg.model.freeze_backbone else "all"
-        return [Stage("all", 0, total, cfg.optim.lr, train, f.bn)]
+        return [Stage("all", 0, total, cfg.optim.lr, train, str(f.bn))]
     fixed = sum(s.epochs for s in f.stages if s.epochs is not None)
     open_ended = f.stages[-1].epochs is None
     if fixed + open_ended > total or (not open_ended and fixed != total):
@@ -242,7 +242,7 @@ def stage_plan(cfg) -> list[Stage]:
     for s in f.stages:
         epochs = s.epochs if s.epochs is not None else total - fixed
         stages.append(Stage(s.name, start, epochs, s.lr if s.lr is not None else cfg.optim.lr,
-                            s.train, s.bn or f.bn))
+                            str(s.train), str(s.bn or f.bn)))
         start += epochs
     return stages
 
