@@ -22,7 +22,12 @@ from trainer.models.mobilevit import count_params
 
 # timm 1.0.31 / transformers 5.23 (random init): with the 1000-class head / without it.
 PARAMS = {"mobilevit_xxs": (1_272_024, 951_024), "mobilevit_xs": (2_317_848, 1_932_848),
-          "mobilevit_s": (5_578_632, 4_937_632)}
+          "mobilevit_s": (5_578_632, 4_937_632),
+          "mobilevitv2_050": (1_370_593, 1_113_593), "mobilevitv2_075": (2_866_009, 2_481_009),
+          "mobilevitv2_100": (4_901_841, 4_388_841), "mobilevitv2_125": (7_478_089, 6_837_089),
+          "mobilevitv2_150": (10_594_753, 9_825_753),
+          "mobilevitv2_175": (14_251_833, 13_354_833),
+          "mobilevitv2_200": (18_449_329, 17_424_329)}
 
 
 def digits_32(n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
