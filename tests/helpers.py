@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +67,10 @@ def env() -> dict:
 def trial_dirs(root: Path) -> list[Path]:
     """The trial directories of the sweeps under `root`/multirun."""
     return sorted(p.parent.parent for p in root.glob("multirun/*/*/.hydra/overrides.yaml"))
+
+
+def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`code` (dedented) in a new Python process with this checkout importable, as a user's
+    script runs."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})

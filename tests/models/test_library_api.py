@@ -5,16 +5,12 @@ freezing, MirroredStrategy. (A finished run through `load_run`: tests/serving/te
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import keras
 import numpy as np
 import pytest
 import reference as R
-from helpers import ROOT, fake_hub_cache
+from helpers import fake_hub_cache, run_python
 
 import trainer
 from trainer.errors import CheckpointError
@@ -86,8 +82,7 @@ def test_tf_hub_fine_tuning_flow_rewritten_on_the_library(timm_xxs, tmp_path):
         assert isinstance(model, MobileViTClassifier)
         np.save({str(tmp_path / 'y.npy')!r}, model.predict(np.load({str(tmp_path / 'x.npy')!r})))
     """
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = run_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), model.predict(images[:64], verbose=0))
 
@@ -183,10 +178,8 @@ def test_imagenet_weights_through_the_hugging_face_cache(timm_xxs, tmp_path):
         m = MobileViTClassifier.from_preset("mobilevit_xxs", weights="imagenet")
         np.save({str(tmp_path / 'out.npy')!r}, m(np.load({str(tmp_path / 'x.npy')!r})).numpy())
     """
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-           "HF_HUB_CACHE": str(hub), "MOBILEVIT_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
-                            capture_output=True, text=True)
+    result = run_python(code, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub),
+                               "MOBILEVIT_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     expected = R.reference_logits(ref, images, "timm")
     got = np.load(tmp_path / "out.npy")
@@ -210,8 +203,7 @@ def test_compile_and_fit_under_mirrored_strategy(tmp_path):
         history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
         print("replicas", strategy.num_replicas_in_sync, "losses", history.history["loss"])
     """
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = run_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith("replicas 2 losses")

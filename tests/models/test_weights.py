@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 import reference as R
-from helpers import ROOT, fake_hub_cache
+from helpers import fake_hub_cache, run_python
 
 from trainer.errors import CheckpointError
 from trainer.models import mobilevit as M
 from trainer.models.weights import load_weights, read_checkpoint
-
-
-def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
 
 
 def test_imagenet_from_hub_cache_offline_then_keras_cache(timm_xxs, tmp_path):
