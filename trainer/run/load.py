@@ -12,6 +12,7 @@ from pathlib import Path
 
 import keras
 
+from trainer.data.pipeline import interpolation
 from trainer.errors import CheckpointError
 from trainer.models import mobilevit  # noqa: F401  (registers the layers load_model reads)
 from trainer.models.preprocessing import MobileViTPreprocessor
@@ -37,7 +38,7 @@ def load_run(run_dir: str | Path, preprocessing: bool = False) -> keras.Model:
         data = load_config(run_dir).data
         images = keras.Input(shape=(None, None, 3), dtype="uint8", name="images")
         prep = MobileViTPreprocessor(int(data.image_size), float(data.crop_pct),
-                                     str(data.get("interpolation", "bilinear")))
+                                     interpolation(data))
         model = keras.Model(images, model(prep(images)), name=f"{model.name}_raw_images")
     info = run_dir / "dataset.json"
     model.class_names = json.loads(info.read_text())["class_names"] if info.is_file() else None

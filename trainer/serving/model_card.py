@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.atomic import write_text
+from trainer.data.pipeline import interpolation
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class ModelCard:
     def from_config(cls, cfg) -> ModelCard:
         return cls(cfg.model.name, cfg.model.pretrained, cfg.data.name, cfg.data.source,
                    cfg.data.image_size, cfg.data.crop_pct,
-                   str(cfg.data.get("interpolation", "bilinear")))
+                   interpolation(cfg.data))
 
 
 def write_model_card(path: Path, card: ModelCard, class_names: list[str], metrics: dict,
