@@ -35,6 +35,8 @@ def pytest_configure(config):
         import tempfile
 
         os.environ["MATRIX_RESULTS"] = tempfile.mkdtemp(prefix="matrix-results-")
+        # The folder scan's cache (data.cache_dir's default) goes here, not into the user's home.
+        os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="test-cache-")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

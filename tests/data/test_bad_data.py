@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from helpers import tiny_cfg
 
-from trainer.data.sources import decode_with_pillow, load_folder
+from trainer.data.folder import decode_with_pillow
+from trainer.data.sources import load_folder
 from trainer.errors import DataError
 from trainer.training.train import train
 

@@ -78,6 +78,9 @@ class DataConfig:
     interpolation: Interpolation = SI("${preset:${model.name},interpolation}")
     shuffle_buffer: int = 2048
     on_error: OnError = OnError.skip  # folder: skip or fail on undecodable files
+    # folder: where the scan's verdicts and converted files are kept (default: the user's cache
+    # directory, $XDG_CACHE_HOME/mobilevit-trainer or ~/.cache/mobilevit-trainer)
+    cache_dir: Optional[str] = None
     classes: Optional[List[str]] = None  # keep only these classes (relabelled 0..k-1, this order)
     train_per_class: int = 0  # > 0: a few labels per class (a seeded, stratified subset of train)
 

@@ -7,26 +7,26 @@ exported SavedModels run inside their graph (`models/preprocessing.py`).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import numpy as np
 import tensorflow as tf
 
 from trainer.data.augmentation import BatchMix, ImagePolicy
+from trainer.data.decode import decode_full, decode_random_crop
+from trainer.errors import DataError
 from trainer.models.preprocessing import eval_preprocess, to_float
 
+log = logging.getLogger(__name__)
 
-def random_resized_crop(image: tf.Tensor, size: int, scale, ratio, seed: tf.Tensor) -> tf.Tensor:
-    """Inception-style crop of a random area and aspect ratio, resized to size x size.
 
-    Hand-written on `tf.image.stateless_sample_distorted_bounding_box`: Keras has no
-    random-resized-crop layer, and its layers keep RNG state that a checkpoint cannot replay.
-    """
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed,
-        min_object_covered=0.0, aspect_ratio_range=tuple(ratio), area_range=tuple(scale),
-        max_attempts=10, use_image_if_no_bounding_boxes=True)
-    image = tf.slice(image, begin, crop_size)
-    image = tf.image.resize(to_float(image), (size, size), "bilinear", antialias=True)
-    return tf.clip_by_value(image, 0.0, 1.0)
+def random_resized_crop(image, size, scale, ratio, seed: tf.Tensor) -> tf.Tensor:
+    """Inception-style crop of a random area and aspect ratio (decoded only there, for a JPEG),
+    resized to size x size, float32 in [0, 1]."""
+    crop = decode_random_crop(image, seed, scale, ratio)
+    resized = tf.image.resize(to_float(crop), (size, size), "bilinear", antialias=True)
+    return tf.clip_by_value(resized, 0.0, 1.0)
 
 
 def interpolation(data_cfg) -> str:
@@ -36,7 +36,8 @@ def interpolation(data_cfg) -> str:
 
 def train_preprocess(image: tf.Tensor, seed: tf.Tensor, data_cfg, aug_cfg,
                      policy: ImagePolicy | None = None, size=None) -> tf.Tensor:
-    """uint8 image -> float32 [size, size, 3] in [0, 1]: crop, flip, then the image policy.
+    """A split's image (array, bytes or file) -> float32 [size, size, 3] in [0, 1]: crop, flip,
+    then the image policy.
 
     `size` (default data.image_size) may be a tensor: multi-scale batches choose it per batch.
     """
@@ -44,7 +45,8 @@ def train_preprocess(image: tf.Tensor, seed: tf.Tensor, data_cfg, aug_cfg,
     if aug_cfg.random_resized_crop:
         image = random_resized_crop(image, size, aug_cfg.scale, aug_cfg.ratio, seed)
     else:
-        image = eval_preprocess(image, size, data_cfg.crop_pct, interpolation(data_cfg))
+        image = eval_preprocess(decode_full(image), size, data_cfg.crop_pct,
+                                interpolation(data_cfg))
     static = size if isinstance(size, int) else None
     image = tf.ensure_shape(image, [static, static, 3])  # Keras' colour ops need the channels
     if aug_cfg.hflip:
@@ -66,11 +68,16 @@ def multiscale_plan(sizes, base_size: int, batch_size: int, seed: int, epoch: in
 
 def train_pipeline(ds: tf.data.Dataset, data_cfg, aug_cfg, batch_size: int, seed: int,
                    epoch: int = 0, skip_batches: int = 0, num_classes: int | None = None,
-                   replicas: int = 1) -> tf.data.Dataset:
-    """One epoch's augmented data in global batches (a strategy splits them), endless.
+                   replicas: int = 1, shard: tuple[int, int] = (0, 1),
+                   unreadable: Unreadable | None = None) -> tf.data.Dataset:
+    """One epoch's augmented data, endless, in batches of `batch_size // replicas` (one replica's
+    share of a global batch; consecutive ones go to consecutive replicas).
 
     The order and every random op are functions of (seed, epoch, position) alone, so a run
     resumed at batch `skip_batches` of `epoch` sees exactly what an uninterrupted run sees.
+    `shard=(worker, workers)`: this worker keeps only its replicas' shares of each global batch,
+    chosen by position *before* anything is read or decoded, so input work shrinks with workers
+    and every example is still seen once, with the same augmentation, whatever the worker count.
     With mixup / cutmix the labels are soft, [batch, num_classes]. With `aug.multiscale_sizes`
     batches come at several resolutions and sizes (see `multiscale_plan`).
     """
@@ -78,56 +85,154 @@ def train_pipeline(ds: tf.data.Dataset, data_cfg, aug_cfg, batch_size: int, seed
     if mix.enabled and not num_classes:
         raise ValueError("mixup / cutmix need num_classes for their soft labels")
     multiscale = bool(aug_cfg.multiscale_sizes)
-    if multiscale:
-        plan_sizes, plan_counts = multiscale_plan(aug_cfg.multiscale_sizes, data_cfg.image_size,
-                                                  batch_size, seed, epoch, multiple=replicas)
-    else:
-        plan_sizes, plan_counts = np.array([data_cfg.image_size]), np.array([batch_size])
-    n, period = len(plan_counts), int(plan_counts.sum())  # the plan repeats every n batches
-    ends = tf.constant(np.cumsum(plan_counts))  # example index where each planned batch ends
-    sizes, counts = tf.constant(plan_sizes), tf.constant(plan_counts)
-    start = skip_batches // n * period + int(plan_counts[:skip_batches % n].sum())
-    ds = ds.shuffle(data_cfg.shuffle_buffer, seed=seed * 100_003 + epoch,
-                    reshuffle_each_iteration=False).repeat()
-    ds = ds.enumerate().skip(start)  # skip before decoding-heavy work
+    positions = example_positions(ds, data_cfg, aug_cfg, batch_size, seed, epoch, skip_batches,
+                                  replicas, shard)
+    plan_sizes, plan_counts = _plan(data_cfg, aug_cfg, batch_size, seed, epoch, replicas)
+    sizes, counts = tf.constant(plan_sizes), tf.constant(plan_counts // replicas)
 
-    def prepare(index, example):
+    def prepare(k, where, example):
+        index, group = where
         image, label = example
         seed_pair = tf.stack([tf.constant(seed, tf.int64), epoch * (1 << 32) + index])
-        within = tf.searchsorted(ends, [index % period], side="right", out_type=tf.int64)[0]
-        batch = index // period * n + within
-        size = sizes[batch % n] if multiscale else None
+        size = sizes[group // replicas % len(plan_sizes)] if multiscale else None
         image = train_preprocess(image, seed_pair, data_cfg, aug_cfg, policy, size)
-        return image, label, seed_pair, batch
+        return k, image, label, seed_pair, group
 
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if multiscale:  # the consecutive examples of one planned batch -> that batch
-        ds = ds.group_by_window(key_func=lambda image, label, s, batch: batch,
-                                reduce_func=lambda key, window: window.batch(counts[key % n]),
-                                window_size_func=lambda key: counts[key % n])
+    ds = positions.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if _decodes(positions):  # a file can still fail to decode: skipped, and reported
+        ds = ds.ignore_errors()
+        if unreadable is not None:
+            ds = unreadable.watch(ds, positions)
+    ds = ds.map(lambda k, image, label, s, group: (image, label, s, group))
+    if multiscale:  # the consecutive examples of one replica's share of a batch -> one batch
+        n = len(plan_sizes)
+        ds = ds.group_by_window(
+            key_func=lambda image, label, s, group: group,
+            reduce_func=lambda key, window: window.batch(counts[key // replicas % n]),
+            window_size_func=lambda key: counts[key // replicas % n])
     else:
-        ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda images, labels, seeds, batch: (images, labels, seeds))
+        ds = ds.batch(batch_size // replicas, drop_remainder=True)
+    ds = ds.map(lambda images, labels, seeds, group: (images, labels, seeds))
     if mix.enabled:  # seeded by the batch's first example: replayable like the rest
         ds = ds.map(lambda images, labels, seeds: mix(images, labels, seeds[0] + 3),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
         ds = ds.map(lambda images, labels, seeds: (images, labels))
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(_shard_by_data())
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _shard_by_data() -> tf.data.Options:
-    """Multi-worker input: every worker runs the same deterministic pipeline and keeps its share
-    of each global batch, so each example is seen once per epoch. (Sharding by file would give
-    workers different example positions, and with them different augmentation seeds.)"""
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return options
+def _plan(data_cfg, aug_cfg, batch_size: int, seed: int, epoch: int,
+          replicas: int) -> tuple[np.ndarray, np.ndarray]:
+    if aug_cfg.multiscale_sizes:
+        return multiscale_plan(aug_cfg.multiscale_sizes, data_cfg.image_size, batch_size, seed,
+                               epoch, multiple=replicas)
+    return np.array([data_cfg.image_size]), np.array([batch_size])
+
+
+def example_positions(ds: tf.data.Dataset, data_cfg, aug_cfg, batch_size: int, seed: int,
+                      epoch: int, skip_batches: int = 0, replicas: int = 1,
+                      shard: tuple[int, int] = (0, 1)) -> tf.data.Dataset:
+    """The epoch's examples before any decoding, as (k, (index, group), (image, label)).
+
+    `index`: the example's position in the epoch's global stream (its augmentation seed);
+    `group`: global batch x replicas + the replica it goes to; `k`: a count of what this worker
+    keeps (a gap in k after decoding is an example that could not be decoded).
+    """
+    worker, workers = shard
+    plan_sizes, plan_counts = _plan(data_cfg, aug_cfg, batch_size, seed, epoch, replicas)
+    n, period = len(plan_counts), int(plan_counts.sum())  # the plan repeats every n batches
+    ends = tf.constant(np.cumsum(plan_counts))  # example index where each planned batch ends
+    counts = tf.constant(plan_counts)
+    start = skip_batches // n * period + int(plan_counts[:skip_batches % n].sum())
+    ds = ds.shuffle(data_cfg.shuffle_buffer, seed=seed * 100_003 + epoch,
+                    reshuffle_each_iteration=False).repeat()
+
+    def where(index, example):
+        within = tf.searchsorted(ends, [index % period], side="right", out_type=tf.int64)[0]
+        count = counts[within]
+        offset = index % period - (ends[within] - count)  # position inside its global batch
+        replica = offset // (count // replicas)
+        return (index, (index // period * n + within) * replicas + replica), example
+
+    ds = ds.enumerate().skip(start).map(where)  # skipped before any file is read
+    if workers > 1:
+        per_worker = replicas // workers
+        ds = ds.filter(lambda w, example: w[1] % replicas // per_worker == worker)
+    return ds.enumerate().map(lambda k, rest: (k, *rest))
+
+
+def _decodes(positions: tf.data.Dataset) -> bool:
+    """Whether the split's images are encoded (bytes or files), i.e. can fail to decode."""
+    image_spec = positions.element_spec[2][0]
+    return isinstance(image_spec, dict) or image_spec.dtype == tf.string
+
+
+class Unreadable:
+    """Training examples that failed to decode although the scan passed them (corrupt past the
+    header, or changed since): skipped and reported in skipped_files.csv, or, with
+    data.on_error=fail, the run stops naming the file.
+
+    tf.data can only drop a failing element (`ignore_errors`); a gap in the worker's count `k`
+    shows where, and the string-only `example_positions` stream, replayed, names the file.
+    """
+
+    def __init__(self, on_error: str = "skip"):
+        self.on_error, self.streams, self.gaps = str(on_error), [], []
+
+    def watch(self, ds: tf.data.Dataset, positions: tf.data.Dataset) -> tf.data.Dataset:
+        token = len(self.streams)
+        self.streams.append(positions)
+
+        def record(lo, hi):
+            self.gaps.append((token, int(lo), int(hi)))
+            log.warning("%d training example(s) could not be decoded: skipped (listed in "
+                        "skipped_files.csv at the end of training)", int(hi - lo))
+            if self.on_error == "fail":  # the caller names the file (see `files`)
+                raise ValueError("an undecodable training image (data.on_error=fail)")
+            return np.int64(0)
+
+        def check(expected, element):
+            k = element[0]
+            noted = tf.cond(k > expected, lambda: tf.numpy_function(
+                record, [expected, k], tf.int64, stateful=True), lambda: tf.constant(0, tf.int64))
+            with tf.control_dependencies([noted]):
+                return k + 1, tuple(tf.identity(t) for t in element)
+
+        return ds.scan(tf.constant(0, tf.int64), check)
+
+    @contextlib.contextmanager
+    def named_on_failure(self):
+        """Around training: a decode failure under data.on_error=fail becomes a DataError that
+        names the file."""
+        try:
+            yield
+        except tf.errors.OpError:
+            if not self.gaps:
+                raise
+            files = ", ".join(f for f, _ in self.files())
+            raise DataError(f"{files}: cannot decode (data.on_error=fail; use skip to leave it "
+                            "out)") from None
+
+    def files(self) -> list[tuple[str, str]]:
+        """(file, reason) of every gap so far, found by replaying the positions stream."""
+        found = {}
+        for token, lo, hi in self.gaps:
+            for k, (index, _), (image, _) in self.streams[token].skip(lo).take(hi - lo):
+                name = (image["file"].numpy().decode() if isinstance(image, dict)
+                        else f"example at position {int(index)} of the training split")
+                found[name] = "cannot decode: failed in the input pipeline"
+        return list(found.items())
 
 
 def eval_pipeline(ds: tf.data.Dataset, data_cfg, batch_size: int) -> tf.data.Dataset:
-    """Every example once, in order, with the evaluation preprocessing."""
+    """Every example once, in order, decoded once and given the evaluation preprocessing.
+    Undecodable files are left out (data.on_error=skip) rather than stopping an evaluation."""
     size, crop_pct, method = data_cfg.image_size, data_cfg.crop_pct, interpolation(data_cfg)
-    ds = ds.map(lambda image, label: (eval_preprocess(image, size, crop_pct, method), label),
+    ds = ds.map(lambda image, label: (eval_preprocess(decode_full(image), size, crop_pct, method),
+                                      label),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(_shard_by_data())
+    if str(data_cfg.get("on_error", "skip")) == "skip":
+        ds = ds.ignore_errors()
+    options = tf.data.Options()  # several workers: each evaluates its share of every batch
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)

@@ -8,6 +8,7 @@ Class names and counts always come from the data, never from the config.
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from trainer.data.files import IMAGE_SUFFIXES
+from trainer.data.folder import FolderScan
 from trainer.errors import DataError
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -96,8 +96,10 @@ def load_digits(cfg) -> Dataset:
 def load_tfds(cfg) -> Dataset:
     import tensorflow_datasets as tfds
 
-    def read(split: str, decode: bool = True):
-        decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
+    def read(split: str):
+        # Images stay encoded: the pipeline decodes them in the graph (a JPEG only where the
+        # random crop looks), on the worker that trains on them.
+        decoders = {"image": tfds.decode.SkipDecoding()}
         try:
             return tfds.load(cfg.tfds_name, split=split, data_dir=cfg.data_dir,
                              download=cfg.download, shuffle_files=False, decoders=decoders,
@@ -117,7 +119,7 @@ def load_tfds(cfg) -> Dataset:
     class_names = list(info.features["label"].names)
     splits, counts = {}, {}
     if cfg.val_split is None:  # carve a stratified validation split out of train
-        labels_ds, _ = read(cfg.train_split, decode=False)
+        labels_ds, _ = read(cfg.train_split)
         labels = np.fromiter((int(e["label"]) for e in labels_ds.as_numpy_iterator()), np.int64)
         val_idx, train_idx = stratified_split(labels, [cfg.val_fraction], seed=1234)
         splits["train"] = pairs(_select(train, train_idx, len(labels)))
@@ -157,68 +159,9 @@ def tfds_failure(cfg, split: str, e: Exception) -> str:
     return f"data.tfds_name={name!r} split {split!r}: cannot load it ({type(e).__name__}: {text})"
 
 
-def _check_image(path: Path) -> str | None:
-    """Why `path` is not a usable image, or None. Uses Pillow, which reads every common format."""
-    from PIL import Image, UnidentifiedImageError
-
-    if path.stat().st_size == 0:
-        return "empty file"
-    try:
-        with Image.open(path) as img:
-            img.load()  # a full decode: catches truncated files that verify() lets through
-            if img.width < 1 or img.height < 1:
-                return "zero-sized image"
-    except UnidentifiedImageError:
-        return "not an image"
-    except Image.DecompressionBombError as e:  # Pillow's pixel limit (about 179 megapixels)
-        return f"image too large: {e}"
-    except (OSError, SyntaxError, ValueError) as e:
-        return f"cannot decode: {e}"
-    return None
-
-
-def _scan_classes(root: Path, on_error: str, skipped: list) -> dict[str, list[Path]]:
-    classes = {}
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        good = []
-        for f in sorted(class_dir.rglob("*")):
-            if not f.is_file() or f.name.startswith("."):
-                continue
-            reason = ("not an image suffix" if f.suffix.lower() not in IMAGE_SUFFIXES
-                      else _check_image(f))
-            if reason is None:
-                good.append(f)
-            elif on_error == "fail":
-                raise DataError(f"{f}: {reason} (data.on_error=fail; use skip to leave it out)")
-            else:
-                skipped.append((str(f), reason))
-        classes[class_dir.name] = good
-    return classes
-
-
-def decode_with_pillow(path: bytes) -> np.ndarray:
-    """Any Pillow-readable file (CMYK, 16-bit, palette, alpha, WebP, TIFF...) -> RGB uint8.
-
-    Alpha is dropped (as the exported models' decoders do); 16-bit grey is scaled to 8 bits,
-    where Pillow's own conversion would clip it to white.
-    """
-    from PIL import Image
-
-    with Image.open(path.decode()) as img:
-        if img.mode.startswith("I;16") or img.mode == "I":
-            grey = (np.asarray(img, dtype=np.float32) * (255.0 / 65535.0)).round()
-            return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def _file_dataset(files: list[Path], labels: list[int]) -> tf.data.Dataset:
-    def load(path, label):
-        image = tf.numpy_function(decode_with_pillow, [path], tf.uint8, stateful=False)
-        image.set_shape([None, None, 3])
-        return image, label
-
-    ds = tf.data.Dataset.from_tensor_slices(([str(f) for f in files], np.array(labels, np.int64)))
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+def _file_dataset(files: list[str], labels: list[int]) -> tf.data.Dataset:
+    """({"file": path}, label): the pipeline reads and decodes each file in the graph."""
+    return tf.data.Dataset.from_tensor_slices(({"file": files}, np.array(labels, np.int64)))
 
 
 def load_folder(cfg) -> Dataset:
@@ -226,10 +169,16 @@ def load_folder(cfg) -> Dataset:
     skipped: list[tuple[str, str]] = []
     split_dirs = {s: root / d for s, d in (("train", "train"), ("val", "val"), ("test", "test"))
                   if (root / d).is_dir()}
+    scan = FolderScan(root, cfg.get("cache_dir"))
+    started = time.perf_counter()
     if "train" in split_dirs:
-        scanned = {s: _scan_classes(p, cfg.on_error, skipped) for s, p in split_dirs.items()}
+        scanned = {s: scan.classes(p, cfg.on_error, skipped) for s, p in split_dirs.items()}
     else:
-        scanned = {"train": _scan_classes(root, cfg.on_error, skipped)}
+        scanned = {"train": scan.classes(root, cfg.on_error, skipped)}
+    scan.save()
+    log.info("scanned %d files in %s in %.2f s (%d checked, the rest unchanged since the scan "
+             "cached in %s)", len(scan.verdicts), root, time.perf_counter() - started,
+             scan.checked, scan.index_file)
     class_names = sorted(c for c, files in scanned["train"].items() if files)
     if not class_names:
         raise DataError(f"data.path={str(root)!r} holds no usable images in class "
@@ -305,7 +254,10 @@ def _mock_split(num_examples: int):
         images = rng.integers(0, 256, (num_examples, 48, 64, 3), dtype=np.uint8)
         classes = builder.info.features["label"].num_classes
         labels = rng.integers(0, classes, num_examples)
-        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+        ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+        if decoders and "image" in decoders:  # encoded, as TFDS stores them (PNG for these)
+            ds = ds.map(lambda e: {**e, "image": tf.io.encode_png(e["image"])})
+        return ds
     return as_dataset
 
 

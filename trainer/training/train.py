@@ -21,7 +21,7 @@ from trainer.atomic import write_json
 from trainer.config.compose import flatten
 from trainer.config.schema import stage_plan
 from trainer.config.validate import validate
-from trainer.data.pipeline import eval_pipeline, train_pipeline
+from trainer.data.pipeline import Unreadable, eval_pipeline, train_pipeline
 from trainer.data.sources import load_dataset
 from trainer.models.mobilevit import build_model
 from trainer.models.weights import load_weights
@@ -71,10 +71,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     log.info("data %s: %s, %d classes; %d steps of %d per epoch", dataset.name, dataset.counts,
              dataset.num_classes, steps_per_epoch, t.batch_size)
 
+    unreadable = Unreadable(cfg.data.on_error)  # files that fail to decode in the pipeline
+
     def epoch_data(epoch: int, skip_batches: int):
-        return iter(strategy.experimental_distribute_dataset(train_pipeline(
-            dataset.splits["train"], cfg.data, cfg.aug, t.batch_size, cfg.seed, epoch,
-            skip_batches=skip_batches, num_classes=dataset.num_classes, replicas=replicas)))
+        def per_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            return train_pipeline(
+                dataset.splits["train"], cfg.data, cfg.aug, t.batch_size, cfg.seed, epoch,
+                skip_batches=skip_batches, num_classes=dataset.num_classes, replicas=replicas,
+                shard=(context.input_pipeline_id, context.num_input_pipelines),
+                unreadable=unreadable)
+        return iter(strategy.distribute_datasets_from_function(per_worker))
 
     # ------------------------------------------------------------------ model, optimizer, state
     stages = stage_plan(cfg)
@@ -101,8 +107,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     # Loggers (history.csv, curves, TensorBoard, wandb) close properly even if training fails.
     with EpochLoggers(cfg.logger, flatten(cfg), run_dir, chief,
                       int(state.epoch.numpy())) as loggers:
-        progress = train_epochs(loop, state, stages, epoch_data, t, steps_per_epoch,
-                                eval_ds["val"], ema, loggers, chief)
+        with unreadable.named_on_failure():
+            progress = train_epochs(loop, state, stages, epoch_data, t, steps_per_epoch,
+                                    eval_ds["val"], ema, loggers, chief)
+        if unreadable.gaps and chief:
+            dataset.skipped += unreadable.files()
+            dirs.write_skipped_report(dataset.skipped, run_dir / "skipped_files.csv")
 
         # -------------------------------------------------------------- final evaluation
         metrics = evaluate_best(loop, state, stages, ema, eval_ds, t.eval_steps)
