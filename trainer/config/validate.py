@@ -86,6 +86,10 @@ def _data(d) -> None:
                               "(DIR/<class>/*.jpg or DIR/train/<class>/...)")
         if not Path(d.path).is_dir():
             raise ConfigError(f"data.path={d.path!r} is not a directory")
+        if d.cache_dir and Path(d.cache_dir).expanduser().exists() and not Path(
+                d.cache_dir).expanduser().is_dir():
+            raise ConfigError(f"data.cache_dir={d.cache_dir!r} is a file; give a directory for "
+                              "the folder scan's cache (or leave it unset for ~/.cache)")
     _range("data.image_size", d.image_size, 8, 2048)
     _range("data.crop_pct", d.crop_pct, 0.0, 1.0, low_open=True)
     _range("data.val_fraction", d.val_fraction, 0.0, 0.5)
