@@ -188,6 +188,51 @@ def test_evaluate_and_predict_commands(run, tmp_path):
     assert all(r["top_k"][0]["probability"] >= r["top_k"][1]["probability"] for r in results)
 
 
+def test_evaluate_with_test_time_augmentation_reports_both(run):
+    """tta=flip averages the probabilities of each image and its mirror image (a digits model
+    is far from mirror-symmetric, so the two views differ); the plain figures are unchanged."""
+    run_dir, cfg, metrics, _, _ = run
+    from trainer import evaluate
+    from trainer.data.pipeline import eval_pipeline
+    from trainer.data.sources import load_digits
+
+    assert evaluate.main([f"run={run_dir}", "split=val", "tta=flip"]) == 0
+    saved = json.loads((run_dir / "eval" / "val" / "metrics.json").read_text())
+    serve = tf.saved_model.load(str(run_dir / "export" / "classifier")).signatures["serve_float"]
+    probs, mirrored, labels = [], [], []
+    for x, y in eval_pipeline(load_digits(cfg.data).splits["val"], cfg.data, 64):
+        probs.append(serve(images=x)["probabilities"].numpy())
+        mirrored.append(serve(images=tf.image.flip_left_right(x))["probabilities"].numpy())
+        labels.append(y.numpy())
+    probs, mirrored, labels = map(np.concatenate, (probs, mirrored, labels))
+    assert np.abs(probs - mirrored).max() > 0.5  # the model is not mirror-symmetric
+    tta = ((probs + mirrored) / 2).argmax(1)
+    assert saved["top1_accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+    assert saved["tta"]["mode"] == "flip"
+    assert saved["tta"]["top1_accuracy"] == pytest.approx(float((tta == labels).mean()), abs=1e-9)
+    assert saved["tta"]["top1_accuracy"] != saved["top1_accuracy"]
+    assert (run_dir / "eval" / "val" / "tta_per_class.csv").is_file()
+    with pytest.raises(SystemExit) as bad:
+        evaluate.main([f"run={run_dir}", "tta=mirror"])
+    assert bad.value.code == 2
+
+
+def test_five_crop_views_are_the_centre_crop_and_the_corners():
+    from omegaconf import OmegaConf
+
+    from trainer.data.pipeline import tta_views
+
+    image = np.arange(40 * 60 * 3, dtype=np.float32).reshape(40, 60, 3) / (40 * 60 * 3)
+    data = OmegaConf.create({"image_size": 20, "crop_pct": 0.5, "interpolation": "bilinear"})
+    views = tta_views(tf.constant(image), data, "crops_flip").numpy()
+    resized = tf.image.resize(image, (40, 60), antialias=True).numpy()  # short side 20 / 0.5
+    assert views.shape == (10, 20, 20, 3)
+    np.testing.assert_allclose(views[0], eval_preprocess(tf.constant(image), 20, 0.5).numpy())
+    np.testing.assert_allclose(views[1], resized[:20, :20])
+    np.testing.assert_allclose(views[4], resized[20:, 40:])
+    np.testing.assert_allclose(views[5], views[0][:, ::-1])
+
+
 def test_export_command_reexports_a_run(run, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(run[0], run_dir, ignore=shutil.ignore_patterns("export"))

@@ -41,8 +41,10 @@ OnNaN = _choice("OnNaN", "stop", "rollback")
 LiteRTVariant = _choice("LiteRTVariant", "float32", "float16", "dynamic_int8", "int8")
 LoggerName = _choice("LoggerName", "csv", "wandb")
 LoggerMode = _choice("LoggerMode", "online", "offline", "disabled")
+ClassBalance = _choice("ClassBalance", "none", "weighted_loss", "sampler")
 RecipeSource = _choice("RecipeSource", "none", "measured", "target")
 TOP_K = 5  # top-k accuracy in training and evaluation, the top-k outputs of the export
+TTA_MODES = ("none", "flip", "crops", "crops_flip")  # python -m trainer.evaluate tta=...
 
 
 @dataclass
@@ -83,6 +85,9 @@ class DataConfig:
     cache_dir: Optional[str] = None
     classes: Optional[List[str]] = None  # keep only these classes (relabelled 0..k-1, this order)
     train_per_class: int = 0  # > 0: a few labels per class (a seeded, stratified subset of train)
+    # Imbalanced classes: weighted_loss weighs each example's loss by n / (classes x n_class);
+    # sampler draws every class equally often (an epoch keeps its length). Counts in dataset.json.
+    class_balance: ClassBalance = ClassBalance.none
 
 
 @dataclass
@@ -143,9 +148,20 @@ class FinetuneConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    # > 0: end the run when val_accuracy has not risen by more than min_delta for this many
+    # epochs; the best epoch is exported as usual.
+    patience: int = 0
+    min_delta: float = 0.0
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 10
     batch_size: int = 64  # global batch, split across replicas
+    # > 1: each optimizer update averages the gradients of K batches (an effective batch of
+    # K x batch_size; BatchNorm still sees batch_size). Steps, schedules and checkpoints count updates.
+    accumulate_steps: int = 1
     steps_per_epoch: Optional[int] = None  # cap per epoch (default: one pass over train)
     eval_steps: Optional[int] = None  # cap on evaluation batches (default: the whole split)
     strategy: Strategy = Strategy.auto
@@ -161,6 +177,17 @@ class TrainerConfig:
     max_rollbacks: int = 3
     allow_config_change: bool = False  # resume a run directory under a changed config
     deterministic: bool = False  # TF op determinism: same config -> bit-identical weights
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+
+@dataclass
+class DistillConfig:
+    # Knowledge distillation (off when unset): a preset name (with teacher_weights), a finished
+    # run directory, a .keras file or a SavedModel directory, trained on the same classes.
+    teacher: Optional[str] = None
+    teacher_weights: Optional[str] = None  # a preset teacher's weights (what from_preset takes)
+    temperature: float = 4.0  # softens both distributions of the KL term
+    alpha: float = 0.5  # loss = alpha x KL(teacher || student) x T^2 + (1 - alpha) x label loss
 
 
 @dataclass
@@ -206,6 +233,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     name: str = "run"  # short name in the run directory
     seed: int = 0

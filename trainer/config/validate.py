@@ -17,7 +17,7 @@ from trainer.config.schema import (
     stage_plan,
 )
 from trainer.errors import ConfigError
-from trainer.models.presets import preset
+from trainer.models.presets import PRESETS, preset
 
 
 def _choice(key: str, value: Any, allowed) -> None:
@@ -62,6 +62,7 @@ def validate(cfg) -> None:
     _finetune(cfg.finetune)
     _recipe(cfg.recipe)
     _trainer(cfg.trainer)
+    _distill(cfg.distill)
     stage_plan(cfg)  # stage epochs against trainer.epochs
     _check_xla_on_cpu(cfg)
     _logger_export_run(cfg)
@@ -162,6 +163,9 @@ def _recipe(r) -> None:
 def _trainer(t) -> None:
     _range("trainer.epochs", t.epochs, 1)
     _range("trainer.batch_size", t.batch_size, 1)
+    _range("trainer.accumulate_steps", t.accumulate_steps, 1, 4096)
+    _range("trainer.early_stopping.patience", t.early_stopping.patience, 0)
+    _range("trainer.early_stopping.min_delta", t.early_stopping.min_delta, 0.0, 1.0)
     if t.steps_per_epoch is not None:
         _range("trainer.steps_per_epoch", t.steps_per_epoch, 1)
     if t.eval_steps is not None:
@@ -177,6 +181,24 @@ def _trainer(t) -> None:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is not divisible by "
                           f"trainer.cpu_replicas={t.cpu_replicas} replicas; the global batch "
                           f"must split evenly")
+
+
+def _distill(d) -> None:
+    if d.teacher is None:
+        return
+    _range("distill.temperature", d.temperature, 0.0, 100.0, low_open=True)
+    _range("distill.alpha", d.alpha, 0.0, 1.0)
+    path = Path(d.teacher).expanduser()
+    if (("/" in d.teacher or path.suffix) and not path.exists()):
+        raise ConfigError(f"distill.teacher={d.teacher!r}: no such file or directory (a finished "
+                          f"run directory, a .keras file, a SavedModel directory or a preset name)")
+    if not path.exists() and d.teacher not in PRESETS:
+        raise ConfigError(f"distill.teacher={d.teacher!r} is neither a path nor a preset; presets: "
+                          f"{', '.join(PRESETS)}")
+    if d.teacher in PRESETS and not d.teacher_weights:
+        raise ConfigError(f"distill.teacher={d.teacher!r} is a preset: set distill.teacher_weights "
+                          f"to weights with a head for your classes (a checkpoint, a .weights.h5 "
+                          f"or a run directory)")
 
 
 def _logger_export_run(cfg) -> None:

@@ -13,10 +13,11 @@ import logging
 import numpy as np
 import tensorflow as tf
 
+from trainer.config.schema import TTA_MODES
 from trainer.data.augmentation import BatchMix, ImagePolicy
 from trainer.data.decode import decode_full, decode_random_crop
 from trainer.errors import DataError
-from trainer.models.preprocessing import eval_preprocess, to_float
+from trainer.models.preprocessing import eval_preprocess, resize_short_side, to_float
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def train_pipeline(ds: tf.data.Dataset, data_cfg, aug_cfg, batch_size: int, seed
         raise ValueError("mixup / cutmix need num_classes for their soft labels")
     multiscale = bool(aug_cfg.multiscale_sizes)
     positions = example_positions(ds, data_cfg, aug_cfg, batch_size, seed, epoch, skip_batches,
-                                  replicas, shard)
+                                  replicas, shard, num_classes)
     plan_sizes, plan_counts = _plan(data_cfg, aug_cfg, batch_size, seed, epoch, replicas)
     group_of = _grouping(plan_counts, replicas)
     sizes, counts, n = tf.constant(plan_sizes), tf.constant(plan_counts // replicas), len(plan_sizes)
@@ -134,7 +135,8 @@ def _plan(data_cfg, aug_cfg, batch_size: int, seed: int, epoch: int,
 
 def example_positions(ds: tf.data.Dataset, data_cfg, aug_cfg, batch_size: int, seed: int,
                       epoch: int, skip_batches: int = 0, replicas: int = 1,
-                      shard: tuple[int, int] = (0, 1)) -> tf.data.Dataset:
+                      shard: tuple[int, int] = (0, 1),
+                      num_classes: int | None = None) -> tf.data.Dataset:
     """The epoch's examples before any decoding, as (k, (index, (image, label))).
 
     `index`: the example's position in the epoch's global stream (its augmentation seed);
@@ -145,13 +147,31 @@ def example_positions(ds: tf.data.Dataset, data_cfg, aug_cfg, batch_size: int, s
     plan_sizes, plan_counts = _plan(data_cfg, aug_cfg, batch_size, seed, epoch, replicas)
     n, period = len(plan_counts), int(plan_counts.sum())  # the plan repeats every n batches
     start = skip_batches // n * period + int(plan_counts[:skip_batches % n].sum())
-    ds = ds.shuffle(data_cfg.shuffle_buffer, seed=seed * 100_003 + epoch,
-                    reshuffle_each_iteration=False).repeat()
+    epoch_seed = seed * 100_003 + epoch
+    if str(data_cfg.get("class_balance", "none")) == "sampler":
+        ds = balanced(ds, num_classes, data_cfg.shuffle_buffer, epoch_seed)
+    else:
+        ds = ds.shuffle(data_cfg.shuffle_buffer, seed=epoch_seed,
+                        reshuffle_each_iteration=False).repeat()
     ds = ds.enumerate().skip(start)  # skipped before any file is read
     if workers > 1:
         group_of, per_worker = _grouping(plan_counts, replicas), replicas // workers
         ds = ds.filter(lambda index, example: group_of(index) % replicas // per_worker == worker)
     return ds.enumerate()
+
+
+def balanced(ds: tf.data.Dataset, num_classes: int | None, buffer: int,
+             seed: int) -> tf.data.Dataset:
+    """An endless stream that draws each class equally often (data.class_balance=sampler):
+    each class's examples shuffled and repeated, then a seeded choice of class per position,
+    so the stream is a function of the seed, as the plain shuffle is."""
+    if not num_classes:
+        raise ValueError("data.class_balance=sampler needs the number of classes")
+    per_class = [ds.filter(lambda image, label, c=c: label == c)
+                 .shuffle(buffer, seed=seed + c, reshuffle_each_iteration=False).repeat()
+                 for c in range(num_classes)]
+    return tf.data.Dataset.sample_from_datasets(per_class, [1.0 / num_classes] * num_classes,
+                                                seed=seed)
 
 
 def _grouping(plan_counts: np.ndarray, replicas: int):
@@ -244,3 +264,30 @@ def eval_pipeline(ds: tf.data.Dataset, data_cfg, batch_size: int) -> tf.data.Dat
     options = tf.data.Options()  # several workers: each evaluates its share of every batch
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def tta_views(image, data_cfg, mode: str) -> tf.Tensor:
+    """The test-time views of one image, [V, size, size, 3]: view 0 is the evaluation image
+    (the centre crop); `flip` adds its mirror image, `crops` the four corner crops of the same
+    resized image (five-crop), `crops_flip` all ten."""
+    resized, size = resize_short_side(decode_full(image), data_cfg.image_size, data_cfg.crop_pct,
+                                      interpolation(data_cfg))
+    h, w = tf.shape(resized)[0], tf.shape(resized)[1]
+    corners = [((h - size) // 2, (w - size) // 2)]
+    if mode.startswith("crops"):
+        corners += [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]
+    views = [resized[top:top + size, left:left + size] for top, left in corners]
+    if mode.endswith("flip"):
+        views += [tf.image.flip_left_right(v) for v in views]
+    return tf.stack(views)
+
+
+def tta_pipeline(ds: tf.data.Dataset, data_cfg, batch_size: int, mode: str) -> tf.data.Dataset:
+    """(views [B, V, size, size, 3], labels) of every example once, in order."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta={mode!r} is not known; choose one of {', '.join(TTA_MODES)}")
+    ds = ds.map(lambda image, label: (tta_views(image, data_cfg, mode), label),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if str(data_cfg.get("on_error", "skip")) == "skip":
+        ds = ds.ignore_errors()
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -32,6 +32,7 @@ class Dataset:
     counts: dict[str, int]
     version: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    class_counts: list[int] | None = None  # training examples per class (counted when needed)
 
     @property
     def num_classes(self) -> int:
@@ -40,7 +41,16 @@ class Dataset:
     def info(self) -> dict:
         return {"name": self.name, "version": self.version, "num_classes": self.num_classes,
                 "class_names": self.class_names, "counts": self.counts,
-                "skipped_files": len(self.skipped)}
+                "skipped_files": len(self.skipped),
+                **({"train_class_counts": self.class_counts} if self.class_counts else {})}
+
+    def class_weights(self) -> list[float]:
+        """n / (classes x n_c) per class (scikit-learn's "balanced"): 1 for every class of a
+        balanced split; a class with no training example gets 0."""
+        counts = np.asarray(self.class_counts, np.float64)
+        weights = np.divide(counts.sum(), len(counts) * counts, out=np.zeros_like(counts),
+                            where=counts > 0)
+        return weights.tolist()
 
 
 # --------------------------------------------------------------------------- splitting
@@ -276,6 +286,10 @@ def load_dataset(cfg) -> Dataset:
         dataset = select_classes(dataset, list(cfg.classes))
     if cfg.train_per_class:
         dataset = few_labels(dataset, cfg.train_per_class)
+    if cfg.source != "tfds" or cfg.get("class_balance", "none") != "none":  # a pass over labels
+        labels = _labels(dataset.splits["train"])
+        dataset = replace(dataset, class_counts=np.bincount(
+            labels, minlength=dataset.num_classes).tolist())
     for split in ("train", "val"):
         if dataset.counts.get(split, 0) == 0:
             raise DataError(f"data {dataset.name!r}: the {split} split is empty")

@@ -28,6 +28,16 @@ def eval_preprocess(image: tf.Tensor, size, crop_pct: float,
     Works on one image [H, W, 3] or a batch [N, H, W, 3] of one size; uint8 in (scaled by 1/255)
     or float in [0, 1]; float32 in [0, 1] out. `size` may be a tensor (multi-scale batches).
     """
+    image, size = resize_short_side(image, size, crop_pct, interpolation)
+    shape = tf.shape(image)
+    top, left = (shape[-3] - size) // 2, (shape[-2] - size) // 2
+    return image[..., top:top + size, left:left + size, :]
+
+
+def resize_short_side(image: tf.Tensor, size, crop_pct: float,
+                      interpolation: str = "bilinear") -> tuple[tf.Tensor, tf.Tensor]:
+    """(the image resized so its short side is size / crop_pct, float32 in [0, 1]; size as int32)
+    -- what the evaluation crops (the centre one, or several for test-time augmentation) cut."""
     image = to_float(image) if image.dtype == tf.uint8 else tf.cast(image, tf.float32)
     if isinstance(size, tf.Tensor):  # multi-scale batches choose it per batch (an int64 tensor)
         size = tf.cast(size, tf.int32)
@@ -38,9 +48,7 @@ def eval_preprocess(image: tf.Tensor, size, crop_pct: float,
     new_h = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), size)
     new_w = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), size)
     image = tf.image.resize(image, tf.stack([new_h, new_w]), interpolation, antialias=True)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    image = image[..., top:top + size, left:left + size, :]
-    return tf.clip_by_value(image, 0.0, 1.0)
+    return tf.clip_by_value(image, 0.0, 1.0), size
 
 
 @keras.saving.register_keras_serializable(package="mobilevit")

@@ -27,6 +27,7 @@ def train_epochs(loop: Loop, state: TrainState, stages: list, epoch_data, traine
     """
     t, every = trainer_cfg, trainer_cfg.checkpoint_every_steps
     rollbacks, stage = 0, None
+    patience = t.early_stopping.patience
 
     def on_step(step: int, totals: dict) -> None:
         # Read once: a signal that arrives during this call is handled after the next step.
@@ -40,6 +41,8 @@ def train_epochs(loop: Loop, state: TrainState, stages: list, epoch_data, traine
 
     with Timer() as train_time, preemption_handler() as preemption:
         while (epoch := int(state.epoch.numpy())) < t.epochs:
+            if patience and int(state.stale_epochs.numpy()) >= patience:  # also on a resume
+                break
             if stage_lib.stage_at(stages, epoch) != stage:
                 stage = stage_lib.stage_at(stages, epoch)
                 trains = stage_lib.apply_stage(loop.model, stage)
@@ -70,8 +73,16 @@ def train_epochs(loop: Loop, state: TrainState, stages: list, epoch_data, traine
             loggers.log_epoch(row)
             log.info("epoch %d: %s", epoch + 1,
                      {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-            state.end_epoch(epoch, row["val_accuracy"])
+            state.end_epoch(epoch, row["val_accuracy"], t.early_stopping.min_delta)
             if preemption.requested:  # it came during validation: the epoch is saved
                 raise Preempted(preemption.requested, state.iterations,
                                 state.last.latest_checkpoint)
-    return {"train_seconds": round(train_time.seconds, 2), "nan_rollbacks": rollbacks}
+    progress = {"train_seconds": round(train_time.seconds, 2), "nan_rollbacks": rollbacks,
+                "epochs_trained": int(state.epoch.numpy())}
+    if patience and int(state.stale_epochs.numpy()) >= patience:
+        progress["stopped_early"] = (
+            f"after epoch {progress['epochs_trained']} of {t.epochs}: val_accuracy did not rise by "
+            f"more than {t.early_stopping.min_delta} for {patience} epoch(s) "
+            f"(trainer.early_stopping)")
+        log.info("early stopping %s", progress["stopped_early"])
+    return progress

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from trainer.config.schema import TOP_K
 from trainer.errors import NonFiniteLoss
+from trainer.training.distill import distillation_loss
 from trainer.training.state import STAT_KEYS
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,21 @@ class Loop:
     def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
                  optimizer: keras.optimizers.Optimizer, num_classes: int, global_batch: int,
                  label_smoothing: float = 0.0, jit_compile: bool = False,
-                 log_every_steps: int = 0):
+                 log_every_steps: int = 0, accumulate_steps: int = 1,
+                 class_weights: list[float] | None = None, teacher=None,
+                 distill_cfg=None):
         self.strategy, self.model, self.optimizer = strategy, model, optimizer
         self.log_every_steps, self.jit_compile = log_every_steps, jit_compile
+        self.accumulate_steps = accumulate_steps
+        # data.class_balance=weighted_loss: each example's loss times its class's weight.
+        self.class_weights = (tf.constant(class_weights, tf.float32) if class_weights is not None
+                              else None)
         self.num_classes, self.global_batch = num_classes, global_batch
         self.top_k = min(TOP_K, num_classes)
         self.loss_fn = keras.losses.CategoricalCrossentropy(
             from_logits=True, label_smoothing=label_smoothing, reduction=None)
+        # Knowledge distillation: a frozen teacher's soft targets mixed into the loss.
+        self.teacher, self.distill_cfg = teacher, distill_cfg
         self.reset()
 
     def reset(self) -> None:
@@ -83,6 +92,8 @@ class Loop:
         self._compute_gradients = (tf.function(self._gradients, jit_compile=True)
                                    if self.jit_compile else self._gradients)
         self._train_step = self._eval_step = None
+        self._micro_step = self._apply_step = None
+        self._accumulators: list[tf.Variable] = []
 
     # ----------------------------------------------------------------- per-replica work
     def _targets(self, labels):
@@ -106,6 +117,12 @@ class Loop:
         with tf.GradientTape() as tape:
             logits = tf.cast(self.model(images, training=True), tf.float32)
             per_example = self.loss_fn(onehot, logits)
+            if self.class_weights is not None:  # soft labels weigh by their mix of classes
+                per_example *= tf.linalg.matvec(onehot, self.class_weights)
+            if self.teacher is not None:  # same replica, same augmented images, no gradient
+                d = self.distill_cfg
+                soft = distillation_loss(logits, self.teacher(images), d.temperature)
+                per_example = d.alpha * soft + (1.0 - d.alpha) * per_example
             # Mean over the *global* batch (this replica's batch x replicas; multi-scale batches
             # vary in size): the cross-replica gradient sum is then the mean.
             loss = tf.nn.compute_average_loss(per_example)
@@ -119,6 +136,47 @@ class Loop:
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         return stats
 
+    # Gradient accumulation (trainer.accumulate_steps=K): each replica sums its micro-batch
+    # gradients into local (ON_READ) variables; one update applies their mean over the K
+    # micro-batches, all-reduced once, as a K-times larger global batch would.
+    def _replica_accumulate(self, images, labels):
+        grads, stats = self._compute_gradients(images, labels)
+        for acc, g in zip(self._accumulators, grads):
+            acc.assign_add(g)
+        return stats
+
+    def _replica_apply(self):
+        k = float(self.accumulate_steps)
+        grads = [acc.read_value() / k for acc in self._accumulators]
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        for acc in self._accumulators:
+            acc.assign(tf.zeros_like(acc))
+
+    def _make_accumulators(self) -> None:
+        with self.strategy.scope():
+            self._accumulators = [
+                tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
+                            synchronization=tf.VariableSynchronization.ON_READ,
+                            aggregation=tf.VariableAggregation.SUM)
+                for v in self.model.trainable_variables]
+
+    def _accumulated_step(self, iterator) -> dict:
+        """One update from `accumulate_steps` micro-batches (each its own compiled call: XLA
+        and multi-scale shapes as for a plain step)."""
+        if self._micro_step is None:
+            self._make_accumulators()
+            self._micro_step = tf.function(
+                lambda batch: self._reduce(self.strategy.run(self._replica_accumulate,
+                                                             args=batch)),
+                reduce_retracing=not self.jit_compile)
+            self._apply_step = tf.function(lambda: self.strategy.run(self._replica_apply))
+        totals = None
+        for _ in range(self.accumulate_steps):
+            stats = self._micro_step(next(iterator))
+            totals = stats if totals is None else {k: totals[k] + v for k, v in stats.items()}
+        self._apply_step()
+        return totals
+
     def _replica_eval(self, images, labels):
         onehot = self._targets(labels)
         logits = tf.cast(self.model(images, training=False), tf.float32)
@@ -130,6 +188,8 @@ class Loop:
 
     # ----------------------------------------------------------------- compiled steps
     def train_step(self, iterator):
+        if self.accumulate_steps > 1:
+            return self._accumulated_step(iterator)
         if self._train_step is None:  # traced once per trainable set
             if self.jit_compile:
                 # XLA compiles static shapes only: the batch comes in as an argument, so each

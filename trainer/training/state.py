@@ -70,13 +70,16 @@ class TrainState:
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.best_score = tf.Variable(-1.0, dtype=tf.float64, trainable=False)
         self.totals = tf.Variable(tf.zeros(len(STAT_KEYS), tf.float64), trainable=False)
+        # Early stopping: epochs since val_accuracy last rose by more than min_delta.
+        self.stale_epochs = tf.Variable(0, dtype=tf.int64, trainable=False)
         # Dropout / stochastic-depth RNG states are variables of the model but not among its
         # weights, which is all a Keras model puts in a checkpoint.
         weight_ids = {id(w) for w in model.weights}
         rng_states = [v for v in model.variables if id(v) not in weight_ids]
         self.checkpoint = tf.train.Checkpoint(
             model=model, optimizer=optimizer, rng=rng_states, lr_scale=lr_scale,
-            epoch=self.epoch, step=self.step, best=self.best_score, totals=self.totals)
+            epoch=self.epoch, step=self.step, best=self.best_score, totals=self.totals,
+            stale_epochs=self.stale_epochs)
         checkpoints = work_dir / "checkpoints"
         self.last = tf.train.CheckpointManager(self.checkpoint, str(checkpoints / "last"),
                                                max_to_keep=keep)
@@ -111,11 +114,13 @@ class TrainState:
             self.totals.assign([totals[k] for k in STAT_KEYS])
         return self.last.save(checkpoint_number=self.iterations)
 
-    def end_epoch(self, epoch: int, score: float) -> None:
+    def end_epoch(self, epoch: int, score: float, min_delta: float = 0.0) -> None:
         """Epoch `epoch` (0-based) is done: the next starts at step 0; best and last saved."""
         self.epoch.assign(epoch + 1)
         self.step.assign(0)
         self.totals.assign(tf.zeros(len(STAT_KEYS), tf.float64))
+        improved = score > self.best_score.numpy() + min_delta
+        self.stale_epochs.assign(0 if improved else self.stale_epochs + 1)
         if score > self.best_score.numpy():
             self.best_score.assign(score)
             self.best.save(checkpoint_number=epoch + 1)

@@ -31,6 +31,7 @@ from trainer.run.manifest import write_manifest
 from trainer.serving.model_card import ModelCard
 from trainer.serving.savedmodel import export_run
 from trainer.training import distribute
+from trainer.training.distill import load_teacher
 from trainer.training.epochs import train_epochs
 from trainer.training.loop import Loop
 from trainer.training.optim import ema_pairs, finalize_ema, make_run_optimizer, scaled_lr
@@ -50,12 +51,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     # ------------------------------------------------------------------ strategy and seed
     t = cfg.trainer
+    update_batch = t.batch_size * t.accumulate_steps  # what one optimizer update averages over
     strategy, jit_compile = distribute.setup(t, cfg.seed)
-    replicas, chief = strategy.num_replicas_in_sync, distribute.is_chief(strategy)
+    chief = distribute.is_chief(strategy)
     # Non-chief workers must still write their checkpoint copies: to a scratch directory.
     work_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="mobilevit-worker-"))
     run_info = {**distribute.describe(strategy, t.batch_size, t.precision, jit_compile),
-                "peak_lr": scaled_lr(cfg.optim, t.batch_size)}
+                "accumulate_steps": t.accumulate_steps, "update_batch": update_batch,
+                "peak_lr": scaled_lr(cfg.optim, update_batch)}
     dirs.record_start(work_dir, cfg, run_info)  # config.yaml (resume rebuilds from it), run.json
 
     # ------------------------------------------------------------------ input pipeline
@@ -65,22 +68,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                        {s: cfg.data[f"{s}_split"] for s in ("train", "val", "test")})
         if dataset.skipped:
             dirs.write_skipped_report(dataset.skipped, run_dir / "skipped_files.csv")
-    steps_per_epoch = t.steps_per_epoch or max(dataset.counts["train"] // t.batch_size, 1)
+    # Steps count optimizer updates (each of accumulate_steps micro-batches of batch_size).
+    steps_per_epoch = t.steps_per_epoch or max(dataset.counts["train"] // update_batch, 1)
     eval_ds = {s: eval_pipeline(dataset.splits[s], cfg.data, t.batch_size)
                for s in ("val", "test") if s in dataset.splits}
     log.info("data %s: %s, %d classes; %d steps of %d per epoch", dataset.name, dataset.counts,
-             dataset.num_classes, steps_per_epoch, t.batch_size)
+             dataset.num_classes, steps_per_epoch, update_batch)
 
     unreadable = Unreadable(cfg.data.on_error)  # files that fail to decode in the pipeline
-
-    def epoch_data(epoch: int, skip_batches: int):
-        def per_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
-            return train_pipeline(
-                dataset.splits["train"], cfg.data, cfg.aug, t.batch_size, cfg.seed, epoch,
-                skip_batches=skip_batches, num_classes=dataset.num_classes, replicas=replicas,
-                shard=(context.input_pipeline_id, context.num_input_pipelines),
-                unreadable=unreadable)
-        return iter(strategy.distribute_datasets_from_function(per_worker))
+    epoch_data = epoch_iterators(strategy, dataset, cfg, unreadable)
 
     # ------------------------------------------------------------------ model, optimizer, state
     stages = stage_plan(cfg)
@@ -89,9 +85,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         source = load_weights(model, cfg.model.pretrained, cfg.model.name,
                                  cfg.model.checkpoint_format, dataset.class_names)
         optimizer, lr_scale = make_run_optimizer(cfg.optim, cfg.schedule, stages, steps_per_epoch,
-                                                 t.batch_size, model, t.precision)
+                                                 update_batch, model, t.precision)
         state = TrainState(model, optimizer, lr_scale, work_dir, dirs.state_dir(run_dir),
                            t.keep_checkpoints)
+        teacher = load_teacher(cfg.distill, dataset.num_classes) if cfg.distill.teacher else None
     log.info("model %s (%d classes) initialised from %s", cfg.model.name, dataset.num_classes,
              source)
     if chief:  # enough disk for the checkpoints and exports, before hours of training
@@ -101,9 +98,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     # ------------------------------------------------------------------ epochs
     ema = ema_pairs(optimizer)
-    loop = Loop(strategy, model, optimizer, dataset.num_classes, t.batch_size,
-                cfg.optim.label_smoothing, jit_compile=jit_compile,
-                log_every_steps=t.log_every_steps)
+    loop = make_loop(cfg, strategy, model, optimizer, dataset, teacher, jit_compile)
     # Loggers (history.csv, curves, TensorBoard, wandb) close properly even if training fails.
     with EpochLoggers(cfg.logger, flatten(cfg), run_dir, chief,
                       int(state.epoch.numpy())) as loggers:
@@ -131,6 +126,32 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         loggers.log_final(metrics)
         write_json(run_dir / "metrics.json", metrics)  # last: it marks the run finished
     return metrics
+
+
+def epoch_iterators(strategy: tf.distribute.Strategy, dataset, cfg, unreadable: Unreadable):
+    """epoch_data(epoch, skip_updates): the distributed training iterator of an epoch, each
+    worker building the pipeline of its own share (`shard`), resumed after `skip_updates`."""
+    t = cfg.trainer
+
+    def epoch_data(epoch: int, skip_updates: int):
+        def per_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            return train_pipeline(
+                dataset.splits["train"], cfg.data, cfg.aug, t.batch_size, cfg.seed, epoch,
+                skip_batches=skip_updates * t.accumulate_steps,  # micro-batches, not updates
+                num_classes=dataset.num_classes, replicas=strategy.num_replicas_in_sync,
+                shard=(context.input_pipeline_id, context.num_input_pipelines),
+                unreadable=unreadable)
+        return iter(strategy.distribute_datasets_from_function(per_worker))
+    return epoch_data
+
+
+def make_loop(cfg, strategy, model, optimizer, dataset, teacher, jit_compile: bool) -> Loop:
+    t = cfg.trainer
+    weights = dataset.class_weights() if cfg.data.class_balance == "weighted_loss" else None
+    return Loop(strategy, model, optimizer, dataset.num_classes, t.batch_size,
+                cfg.optim.label_smoothing, jit_compile=jit_compile,
+                log_every_steps=t.log_every_steps, accumulate_steps=t.accumulate_steps,
+                class_weights=weights, teacher=teacher, distill_cfg=cfg.distill)
 
 
 def evaluate_best(loop: Loop, state: TrainState, stages: list, ema, eval_ds: dict,
