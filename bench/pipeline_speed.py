@@ -5,6 +5,7 @@ Generates real-sized JPEGs (500x375 and 375x500, ImageNet's typical sizes, quali
 random content so that the files have realistic sizes) and measures, interleaved and with the same
 tf.data thread count (1 and 2 threads: the per-core rate and its scaling):
 - the trainer's image-folder source + training pipeline (`aug=basic`, `aug=strong`) at 256x256,
+  one pipeline running at a time (see `steady_rates`),
   batch 32, against a plain tf.data reference that reads each file, decodes the random crop with
   `tf.image.decode_and_crop_jpeg`, resizes and flips it (Model Garden's / big_vision's recipe);
 - the folder scan in ms per file: first (headers checked, cache written) and repeated (cache read,
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +58,7 @@ def with_threads(ds, threads: int):
 
     options = tf.data.Options()
     options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1  # each op on one thread: `threads` is the CPU
     return ds.with_options(options)
 
 
@@ -97,22 +100,21 @@ def reference(folder: Path, size: int, batch: int, threads: int):
 
 
 def steady_rates(pipelines: dict, batches: int, repeats: int, expect) -> dict[str, dict]:
-    """Images/s of each pipeline, round-robin `repeats` times. Each turn first empties what the
-    pipeline buffered while the others ran (8 batches, untimed), then times `batches` more."""
-    iterators = {name: iter(ds) for name, ds in pipelines.items()}
-    for it in iterators.values():  # trace, fill and autotune
-        for _ in range(3):
-            next(it)
+    """Images/s of each pipeline, round-robin `repeats` times. One pipeline runs at a time: each
+    turn starts a fresh iterator (so no pipeline fills its buffers while another is timed), lets
+    it warm up and autotune for 6 batches, then times `batches` more."""
     seconds: dict[str, list[float]] = {name: [] for name in pipelines}
     for _ in range(repeats):
-        for name, it in iterators.items():
-            for _ in range(8):
-                next(it)
+        for name, ds in pipelines.items():
+            iterator = iter(ds)
+            for _ in range(6):
+                next(iterator)
             start = time.perf_counter()
             for _ in range(batches):
-                images, _ = next(it)
+                images, _ = next(iterator)
             seconds[name].append(time.perf_counter() - start)
             assert images.shape == expect
+            del iterator
     out = {}
     for name, times in seconds.items():
         rates = sorted(batches * expect[0] / t for t in times)
@@ -120,22 +122,35 @@ def steady_rates(pipelines: dict, batches: int, repeats: int, expect) -> dict[st
     return out
 
 
-def scan_rows(folder: Path, cache: Path) -> list[dict]:
+def scan_rows(folder: Path, cache: Path, label: str) -> list[dict]:
     """The folder scan, first (a fresh cache) and repeated, in ms per file."""
     from trainer.data.folder import FolderScan
 
     rows = []
-    for label in ("first", "repeated"):
+    for when in ("first", "repeated"):
         start = time.perf_counter()
         scan = FolderScan(folder, str(cache))
         classes = scan.classes(folder, "skip", [])
         scan.save()
         seconds = time.perf_counter() - start
         files = sum(len(v) for v in classes.values())
-        rows.append({"task": "scan", "scan": label, "files": files, "checked": scan.checked,
+        rows.append({"task": "scan", "scan": f"{when}, {label}", "files": files,
+                     "checked": scan.checked, "seconds": round(seconds, 3),
                      "ms_per_file": round(1000 * seconds / files, 4)})
-        print(f"scan {label}: {files} files, {rows[-1]['ms_per_file']} ms per file", flush=True)
+        print(f"scan {when} ({label}): {files} files in {seconds:.2f} s, "
+              f"{rows[-1]['ms_per_file']} ms per file", flush=True)
     return rows
+
+
+def linked_folder(root: Path, sources: list[Path], files: int, classes: int = 100) -> Path:
+    """`files` hard links to the generated JPEGs in `classes` class directories: a folder at
+    ImageNet-like scale in seconds (the scan's cost is per file, not per byte)."""
+    for i in range(files):
+        d = root / f"class{i % classes:03d}"
+        if i < classes:
+            d.mkdir(parents=True)
+        os.link(sources[i % len(sources)], d / f"{i:06d}.jpg")
+    return root
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -145,8 +160,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=1200)
-    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--batches", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--scan-files", type=int, default=100_000)
     common.add_machine_args(parser)
     args = parser.parse_args(argv)
     _, info = common.setup(args)
@@ -154,7 +170,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_jpegs(Path(tmp) / "jpegs", args.images)
-        rows += scan_rows(folder, Path(tmp) / "cache")
+        rows += scan_rows(folder, Path(tmp) / "cache", "500x375 JPEGs")
+        if args.scan_files:
+            big = linked_folder(Path(tmp) / "big", sorted(folder.rglob("*.jpg")),
+                                args.scan_files)
+            rows += scan_rows(big, Path(tmp) / "cache", f"{args.scan_files} files")
         expect = (args.batch, args.size, args.size, 3)
         for threads in args.thread_counts:
             pipelines = {"reference": reference(folder, args.size, args.batch, threads)}
