@@ -58,7 +58,7 @@ def test_group_options_are_the_documented_ones():
     (["model=mobilevit_m"], "model=mobilevit_m is not an option; choose one of mobilevit_s, "
                             "mobilevit_xs, mobilevit_xxs"),
     (["experiment=nope"], "experiment=nope is not an option; choose one of beans_xxs, "
-                          "cifar10_v2_075, cifar10_xxs, digits_0to4_pretrain"),
+                          "cassava_xs_balanced, cifar10_v2_075, cifar10_xxs, digits_0to4_pretrain"),
     (["trainer.batch_size=abc"], "trainer.batch_size: Value 'abc'"),
     (["optim.lr=-1"], "optim.lr=-1.0 is out of range; it must be > 0.0"),
     (["optim.lr=0"], "optim.lr=0.0 is out of range"),
@@ -84,6 +84,17 @@ def test_group_options_are_the_documented_ones():
     (["data.val_fraction=0.0"], "data.val_fraction=0.0 with no data.val_split"),
     (["-m", "optim.lr=1e-3,-2"], "optim.lr=-2.0 is out of range"),
     (["name=a/b"], "name='a/b' must be letters"),
+    (["trainer.accumulate_steps=0"], "trainer.accumulate_steps=0 is out of range; it must be >= 1"),
+    (["trainer.early_stopping.patience=-1"], "trainer.early_stopping.patience=-1 is out of range"),
+    (["trainer.early_stopping.min_delta=2"], "trainer.early_stopping.min_delta=2.0 is out of range"),
+    (["data.class_balance=weighted"], "data.class_balance='weighted' is not allowed; choose one of "
+                                      "none, weighted_loss, sampler"),
+    (["distill.teacher=/no/such/run"], "distill.teacher='/no/such/run': no such file or directory"),
+    (["distill.teacher=mobilevit_xs"], "distill.teacher='mobilevit_xs' is a preset: set "
+                                       "distill.teacher_weights"),
+    (["distill.teacher=mobilevit_q"], "distill.teacher='mobilevit_q' is neither a path nor a preset"),
+    (["distill.teacher=mobilevit_xs", "distill.teacher_weights=imagenet", "distill.alpha=1.5"],
+     "distill.alpha=1.5 is out of range"),
 ])
 def test_config_mistakes_are_one_line(args, message):
     with pytest.raises(ConfigError) as err:

@@ -51,10 +51,12 @@ def load_teacher(distill_cfg, num_classes: int) -> Teacher:
     spec = str(distill_cfg.teacher)
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "export" / "model.keras").is_file():
+        from trainer.run.finished import load_config
         from trainer.run.load import load_run
 
         model = load_run(path, preprocessing=False)
         teacher = _keras_teacher(model, f"run {path}")
+        teacher.input_size = int(load_config(path).data.image_size)  # what it was trained at
     elif path.suffix == ".keras" and path.is_file():
         teacher = _keras_teacher(keras.models.load_model(path, compile=False), f"file {path}")
     elif path.is_dir() and (path / "saved_model.pb").is_file():
@@ -82,7 +84,8 @@ def load_teacher(distill_cfg, num_classes: int) -> Teacher:
 
 def _keras_teacher(model: keras.Model, description: str) -> Teacher:
     model.trainable = False
-    size = model.input_shape[1] if model.input_shape[1] == model.input_shape[2] else None
+    shape = model.input_shape
+    size = shape[1] if shape[1] is not None and shape[1] == shape[2] else None  # else: any size
     return Teacher(lambda images: model(images, training=False), size, description, model)
 
 

@@ -20,10 +20,11 @@ log = logging.getLogger(__name__)
 
 def train_epochs(loop: Loop, state: TrainState, stages: list, epoch_data, trainer_cfg,
                  steps_per_epoch: int, val_ds: tf.data.Dataset, ema, loggers: EpochLoggers,
-                 chief: bool) -> dict:
+                 chief: bool, select: str = "val_accuracy") -> dict:
     """Train from the state's position to `trainer.epochs`; returns how it went.
 
     `epoch_data(epoch, skip_batches)` is the distributed training iterator of an epoch.
+    `select`: the validation metric that picks the best epoch and drives early stopping.
     """
     t, every = trainer_cfg, trainer_cfg.checkpoint_every_steps
     rollbacks, stage = 0, None
@@ -73,7 +74,7 @@ def train_epochs(loop: Loop, state: TrainState, stages: list, epoch_data, traine
             loggers.log_epoch(row)
             log.info("epoch %d: %s", epoch + 1,
                      {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-            state.end_epoch(epoch, row["val_accuracy"], t.early_stopping.min_delta)
+            state.end_epoch(epoch, row[select], t.early_stopping.min_delta)
             if preemption.requested:  # it came during validation: the epoch is saved
                 raise Preempted(preemption.requested, state.iterations,
                                 state.last.latest_checkpoint)
@@ -81,7 +82,7 @@ def train_epochs(loop: Loop, state: TrainState, stages: list, epoch_data, traine
                 "epochs_trained": int(state.epoch.numpy())}
     if patience and int(state.stale_epochs.numpy()) >= patience:
         progress["stopped_early"] = (
-            f"after epoch {progress['epochs_trained']} of {t.epochs}: val_accuracy did not rise by "
+            f"after epoch {progress['epochs_trained']} of {t.epochs}: {select} did not rise by "
             f"more than {t.early_stopping.min_delta} for {patience} epoch(s) "
             f"(trainer.early_stopping)")
         log.info("early stopping %s", progress["stopped_early"])

@@ -18,6 +18,7 @@ import types
 from typing import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from trainer.config.schema import TOP_K
@@ -180,7 +181,14 @@ class Loop:
     def _replica_eval(self, images, labels):
         onehot = self._targets(labels)
         logits = tf.cast(self.model(images, training=False), tf.float32)
-        return self._stats(logits, labels, self.loss_fn(onehot, logits))
+        stats = self._stats(logits, labels, self.loss_fn(onehot, logits))
+        # Per class, for the balanced accuracy (the mean recall) of imbalanced data.
+        classes = tf.cast(labels, tf.int32)
+        hit = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), classes), tf.float32)
+        stats["class_correct"] = tf.math.unsorted_segment_sum(hit, classes, self.num_classes)
+        stats["class_count"] = tf.math.unsorted_segment_sum(tf.ones_like(hit), classes,
+                                                            self.num_classes)
+        return stats
 
     def _reduce(self, per_replica: dict) -> dict:
         return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
@@ -247,15 +255,21 @@ class Loop:
             if max_steps is not None and i >= max_steps:
                 break
             for k, v in self.eval_step(batch).items():
-                totals[k] += float(v)
+                totals[k] = totals.get(k, 0.0) + v.numpy().astype(np.float64)
         return _summarise(totals, prefix)
 
 
 def _summarise(totals: dict, prefix: str) -> dict:
-    n = max(totals["count"], 1.0)
-    return {f"{prefix}loss": totals["loss"] / n, f"{prefix}accuracy": totals["correct"] / n,
-            f"{prefix}top5_accuracy": totals["correct_topk"] / n,
-            f"{prefix}examples": int(totals["count"])}
+    n = max(float(totals["count"]), 1.0)
+    out = {f"{prefix}loss": float(totals["loss"]) / n,
+           f"{prefix}accuracy": float(totals["correct"]) / n,
+           f"{prefix}top5_accuracy": float(totals["correct_topk"]) / n,
+           f"{prefix}examples": int(totals["count"])}
+    if "class_count" in totals:  # evaluation: the mean recall over the classes present
+        seen = totals["class_count"] > 0
+        recall = totals["class_correct"][seen] / totals["class_count"][seen]
+        out[f"{prefix}balanced_accuracy"] = float(recall.mean()) if seen.any() else 0.0
+    return out
 
 
 class Timer:

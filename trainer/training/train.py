@@ -104,7 +104,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                       int(state.epoch.numpy())) as loggers:
         with unreadable.named_on_failure():
             progress = train_epochs(loop, state, stages, epoch_data, t, steps_per_epoch,
-                                    eval_ds["val"], ema, loggers, chief)
+                                    eval_ds["val"], ema, loggers, chief, select_metric(cfg))
         if unreadable.gaps and chief:
             dataset.skipped += unreadable.files()
             dirs.write_skipped_report(dataset.skipped, run_dir / "skipped_files.csv")
@@ -126,6 +126,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         loggers.log_final(metrics)
         write_json(run_dir / "metrics.json", metrics)  # last: it marks the run finished
     return metrics
+
+
+def select_metric(cfg) -> str:
+    """What picks the best epoch: with class balancing on, the balanced accuracy (mean recall);
+    plain accuracy would favour predicting the common classes."""
+    return "val_accuracy" if cfg.data.class_balance == "none" else "val_balanced_accuracy"
 
 
 def epoch_iterators(strategy: tf.distribute.Strategy, dataset, cfg, unreadable: Unreadable):
