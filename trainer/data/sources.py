@@ -286,7 +286,7 @@ def load_dataset(cfg) -> Dataset:
         dataset = select_classes(dataset, list(cfg.classes))
     if cfg.train_per_class:
         dataset = few_labels(dataset, cfg.train_per_class)
-    if cfg.source != "tfds" or cfg.get("class_balance", "none") != "none":  # a pass over labels
+    if cfg.get("class_balance", "none") != "none":  # a pass over the labels, when they matter
         labels = _labels(dataset.splits["train"])
         dataset = replace(dataset, class_counts=np.bincount(
             labels, minlength=dataset.num_classes).tolist())
