@@ -46,18 +46,17 @@ def crop_window(shape: tf.Tensor, seed: tf.Tensor, scale, ratio) -> tuple[tf.Ten
 
 def decode_random_crop(image, seed: tf.Tensor, scale, ratio) -> tf.Tensor:
     """The random crop's pixels, uint8 [h, w, 3]; a JPEG is decoded only inside the window."""
+    def sliced(pixels):
+        begin, size = crop_window(tf.shape(pixels), seed, scale, ratio)
+        return tf.slice(pixels, tf.concat([begin, [0]], 0), tf.concat([size, [3]], 0))
+
     data = encoded(image)
     if data is None:
-        begin, size = crop_window(tf.shape(image), seed, scale, ratio)
-        return tf.slice(image, tf.concat([begin, [0]], 0), tf.concat([size, [3]], 0))
+        return sliced(image)
 
     def jpeg():
         begin, size = crop_window(tf.io.extract_jpeg_shape(data), seed, scale, ratio)
         return tf.image.decode_and_crop_jpeg(data, tf.concat([begin, size], 0), channels=3)
 
-    def other():
-        pixels = decode_full(data)
-        begin, size = crop_window(tf.shape(pixels), seed, scale, ratio)
-        return tf.slice(pixels, tf.concat([begin, [0]], 0), tf.concat([size, [3]], 0))
-
-    return tf.ensure_shape(tf.cond(tf.io.is_jpeg(data), jpeg, other), [None, None, 3])
+    return tf.ensure_shape(tf.cond(tf.io.is_jpeg(data), jpeg, lambda: sliced(decode_full(data))),
+                           [None, None, 3])

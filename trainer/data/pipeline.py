@@ -259,8 +259,7 @@ def eval_pipeline(ds: tf.data.Dataset, data_cfg, batch_size: int) -> tf.data.Dat
     ds = ds.map(lambda image, label: (eval_preprocess(decode_full(image), size, crop_pct, method),
                                       label),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if str(data_cfg.get("on_error", "skip")) == "skip":
-        ds = ds.ignore_errors()
+    ds = _skip_undecodable(ds, data_cfg)
     options = tf.data.Options()  # several workers: each evaluates its share of every batch
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
@@ -288,6 +287,9 @@ def tta_pipeline(ds: tf.data.Dataset, data_cfg, batch_size: int, mode: str) -> t
         raise ValueError(f"tta={mode!r} is not known; choose one of {', '.join(TTA_MODES)}")
     ds = ds.map(lambda image, label: (tta_views(image, data_cfg, mode), label),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if str(data_cfg.get("on_error", "skip")) == "skip":
-        ds = ds.ignore_errors()
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return _skip_undecodable(ds, data_cfg).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _skip_undecodable(ds: tf.data.Dataset, data_cfg) -> tf.data.Dataset:
+    """Evaluation leaves undecodable files out (data.on_error=skip) rather than stopping."""
+    return ds.ignore_errors() if str(data_cfg.get("on_error", "skip")) == "skip" else ds
