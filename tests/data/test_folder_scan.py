@@ -103,7 +103,9 @@ def test_a_file_that_fails_in_the_pipeline_is_skipped_and_reported_or_named(tmp_
 def test_each_worker_reads_only_its_share_of_every_global_batch(tmp_path):
     """Two workers x one replica each: worker w's batches are the w-th halves of the one-worker
     run's global batches, and a worker never opens the other worker's files (deleted here)."""
-    root = make_image_folder(tmp_path / "data", per_class=8)
+    # 40 per class: the 20 positions checked, plus the pipeline's read-ahead, stay inside the first
+    # epoch, so worker 1 never reaches a later epoch where the deleted files are its own.
+    root = make_image_folder(tmp_path / "data", per_class=40)
     cfg = tiny_cfg("data=folder", f"data.path={root}", "data.val_fraction=0.01",
                    "data.image_size=32", "aug=basic")
     train_split = load_folder(cfg.data).splits["train"]
