@@ -1,10 +1,10 @@
 """Training throughput: one optimizer step (forward, backward, AdamW update) in images/s.
 
-Ours: the trainer's own model and train step (`trainer.loop.Loop`, the `strategy.run` step inside a
-`tf.function`), with and without XLA. Reference: timm's `mobilevit_*` in PyTorch eager mode with
+Ours: the trainer's own model, optimizer and train step (`trainer.training.loop.Loop`, the
+`strategy.run` step inside a `tf.function`), with and without XLA. Reference: timm's `mobilevit_*` in PyTorch eager mode with
 AdamW. Same batch of random images for both, 1000 classes, same thread count, interleaved.
 
-    python -m bench.train_speed                       # all sizes, 256 and 128, batch 32
+    python -m bench.train_speed                       # all sizes: 256, 128, 64 and 32, batch 32
     python -m bench.train_speed --models mobilevit_xxs --sizes 256 --repeats 5
     python -m bench.train_speed --models mobilevitv2_050 mobilevitv2_100 --sizes 128 --out train_v2
     python -m bench.train_speed --device gpu          # mixed precision + XLA vs timm AMP on CUDA
@@ -31,11 +31,12 @@ def ours_step(model_name: str, batch: int, size: int, xla: bool, device: str):
 
     from trainer.models.head import build_classifier
     from trainer.models.mobilevit import MobileViTBackbone
+    from trainer.training.fused import FusedAdamW
     from trainer.training.loop import Loop
 
     keras.mixed_precision.set_global_policy("mixed_float16" if device == "gpu" else "float32")
     model = build_classifier(MobileViTBackbone.from_preset(model_name), CLASSES)
-    optimizer = keras.optimizers.AdamW(1e-4, weight_decay=0.05)
+    optimizer = FusedAdamW(1e-4, weight_decay=0.05)  # the trainer's optim=adamw
     if device == "gpu":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
@@ -92,7 +93,7 @@ def measure(name: str, size: int, args) -> list[dict]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(common.MODELS))
-    parser.add_argument("--sizes", nargs="+", type=int, default=[256, 128])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[256, 128, 64, 32])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=1, help="steps per timed call")

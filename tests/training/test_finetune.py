@@ -112,7 +112,7 @@ def test_lamb_and_lion_step(name):
     cfg = tiny_cfg(f"optim={name}")
     model = build_classifier(MobileViTBackbone.from_preset("mobilevit_xxs"), 3)
     opt = make_optimizer(cfg.optim, 1e-3, model)
-    assert type(opt).__name__.lower() == name
+    assert isinstance(opt, {"lamb": keras.optimizers.Lamb, "lion": keras.optimizers.Lion}[name])
     before = model.get_layer("head").kernel.numpy()
     opt.apply_gradients([(tf.ones_like(v), v) for v in model.trainable_variables])
     after = model.get_layer("head").kernel.numpy()

@@ -4,9 +4,8 @@
   schedule per stage, restarting at each stage's first step (`StagedSchedule`).
 - Optimizers: Keras' AdamW, SGD (Nesterov), LAMB and Lion; no weight decay on norms and biases;
   global-norm clipping; the EMA of the weights is Keras' own (`use_ema`).
-- Layer-wise learning-rate decay: Keras optimizers have one learning rate, so `LayerDecay`
-  multiplies it per variable in `update_step` and in the decoupled weight decay (small and
-  hand-written: no Keras or TF API offers per-variable rates).
+- Layer-wise learning-rate decay: Keras optimizers have one learning rate, so the optimizer's
+  `lr_factors` multiply it per variable (trainer/training/fused.py).
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import keras
 import tensorflow as tf
 
 from trainer.config.schema import OptimName
+from trainer.training.fused import FusedAdamW, FusedLamb, FusedLion, FusedSGD
 from trainer.training.stages import layer_decay_factors
 
 
@@ -131,42 +131,10 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 # --------------------------------------------------------------------------- optimizers
 
-OPTIMIZERS = {OptimName.adamw: keras.optimizers.AdamW, OptimName.sgd: keras.optimizers.SGD,
-              OptimName.lamb: keras.optimizers.Lamb, OptimName.lion: keras.optimizers.Lion}
-
-
-class LayerDecay:
-    """Mixin: the learning rate (and decoupled weight decay) of each variable times its factor.
-
-    `lr_factors` maps a variable path to its factor; the optimizer must be built first.
-    """
-
-    lr_factors: dict[str, float] = {}
-
-    def _factor(self, variable) -> float:
-        built = self._trainable_variables[self._get_variable_index(variable)]
-        return self.lr_factors.get(built.path, 1.0)
-
-    def update_step(self, gradient, variable, learning_rate):
-        return super().update_step(gradient, variable, learning_rate * self._factor(variable))
-
-    def _apply_weight_decay(self, variables):
-        """Keras' TensorFlow version, with the variable's factor on the rate."""
-        if self.weight_decay is None:
-            return
-
-        def apply(distribution, variables, **kwargs):
-            for variable in variables:
-                if not self._use_weight_decay(variable):
-                    continue
-                rate = (tf.cast(self.learning_rate, variable.dtype) * self._factor(variable)
-                        * tf.cast(self.weight_decay, variable.dtype))
-                value = variable.value if isinstance(variable, keras.Variable) else variable
-                distribution.extended.update(value, lambda v, r=rate: v.assign_sub(v * r),
-                                             group=False)
-
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            apply, self._distribution_strategy, variables)
+# Keras' optimizers, each variable's update one fused TensorFlow kernel where one exists
+# (trainer/training/fused.py says why).
+OPTIMIZERS = {OptimName.adamw: FusedAdamW, OptimName.sgd: FusedSGD, OptimName.lamb: FusedLamb,
+              OptimName.lion: FusedLion}
 
 
 def make_optimizer(optim_cfg, schedule, model: keras.Model,
@@ -174,7 +142,7 @@ def make_optimizer(optim_cfg, schedule, model: keras.Model,
     """The configured optimizer, built on every weight any stage may train."""
     cls = OPTIMIZERS[optim_cfg.name]
     if lr_factors:
-        cls = type(f"LayerDecay{cls.__name__}", (LayerDecay, cls), {"lr_factors": lr_factors})
+        cls = type(f"LayerDecay{cls.__name__}", (cls,), {"lr_factors": lr_factors})
     kwargs = dict(learning_rate=schedule, global_clipnorm=optim_cfg.clip_norm,
                   weight_decay=optim_cfg.weight_decay)
     if optim_cfg.ema_decay > 0:
