@@ -27,12 +27,14 @@ def exported(model_name: str, size: int, out_dir: Path, litert_variants: tuple[s
     """Build our classifier (random weights), export it as the trainer does; return callables."""
     import tensorflow as tf
 
+    from trainer.models.folding import fold_batchnorm
     from trainer.models.head import build_classifier
     from trainer.models.mobilevit import MobileViTBackbone
     from trainer.serving import litert
     from trainer.serving import savedmodel as export
 
-    model = build_classifier(MobileViTBackbone.from_preset(model_name), CLASSES)
+    # Folded as the trainer's export folds it (BatchNorm into its convolution).
+    model = fold_batchnorm(build_classifier(MobileViTBackbone.from_preset(model_name), CLASSES))
     path = export.export_classifier(model, out_dir / "classifier",
                                     [f"class_{i}" for i in range(CLASSES)], size, 0.9)
     loaded = tf.saved_model.load(str(path))

@@ -1,0 +1,94 @@
+"""BatchNorm folded into the convolution before it: the inference graph the exports serve.
+
+At inference a BatchNorm is an affine map per channel, y = x * s + (beta - mean * s) with
+s = gamma / sqrt(var + eps); after a bias-free convolution it folds into the convolution's kernel
+(times s, per output channel) and a new bias. The folded copy runs one op where three ran
+(convolution, then BN's multiply and add), and the convolution's bias and SiLU are what
+TensorFlow's remapper / oneDNN fuse into one kernel. The Keras model and the checkpoints keep
+the trainable form; only exports are folded. Hand-written: Keras has no BN folding, and the
+TF Model Optimization toolkit folds only inside its quantisation-aware wrappers.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import layers
+
+CONVS = (layers.Conv2D, layers.DepthwiseConv2D)
+
+
+def conv_bn_pairs(model: keras.Model) -> dict[str, keras.layers.Layer]:
+    """BatchNorm layer name -> the convolution it directly follows, when that convolution has no
+    bias and no other consumer (every `conv_bn` of the MobileViT builders), in nested models too."""
+    pairs = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            pairs.update(conv_bn_pairs(layer))
+            continue
+        if not isinstance(layer, layers.BatchNormalization) or len(layer._inbound_nodes) != 1:
+            continue
+        (parent,) = layer._inbound_nodes[0].parent_nodes or (None,)
+        conv = parent.operation if parent is not None else None
+        if (isinstance(conv, CONVS) and not conv.use_bias and len(conv._inbound_nodes) == 1
+                and len(conv._outbound_nodes) == 1 and layer.axis in (-1, 3)):
+            pairs[layer.name] = conv
+    return pairs
+
+
+def folded_weights(conv, bn) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel and bias of conv followed by bn (in inference mode), as one convolution."""
+    gamma = bn.gamma.numpy() if bn.scale else 1.0
+    beta = bn.beta.numpy() if bn.center else 0.0
+    mean, var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+    scale = (gamma / np.sqrt(var + bn.epsilon)).astype(np.float64)
+    kernel = conv.kernel.numpy().astype(np.float64)
+    if isinstance(conv, layers.DepthwiseConv2D):  # [kh, kw, channels, multiplier]
+        kernel = kernel * scale.reshape(1, 1, kernel.shape[2], kernel.shape[3])
+    else:  # [kh, kw, in, out]
+        kernel = kernel * scale
+    bias = beta - mean * scale
+    return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+def fold_batchnorm(model: keras.Model) -> keras.Model:
+    """A copy of `model` with each conv -> BN pair as one convolution with a bias; every other
+    layer and weight as it is. Outputs equal the original's in inference up to float rounding."""
+    pairs = conv_bn_pairs(model)
+    if not pairs:
+        return model
+    folded_convs = {conv.name: bn_name for bn_name, conv in pairs.items()}
+
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        config = layer.get_config()
+        if layer.name in pairs:
+            return layers.Identity(name=layer.name, dtype=layer.dtype_policy)
+        if layer.name in folded_convs:
+            config["use_bias"] = True
+        return layer.__class__.from_config(config)
+
+    def call(layer, *args, **kwargs):  # BN's node passes `mask`, which Identity does not take
+        if isinstance(layer, layers.Identity) and layer.name in pairs:
+            return layer(args[0])
+        return layer(*args, **kwargs)
+
+    copy = keras.models.clone_model(model, clone_function=clone, call_function=call,
+                                    recursive=True)
+    source = {layer.name: layer for layer in _leaf_layers(model)}
+    for layer in _leaf_layers(copy):
+        if layer.name in folded_convs:
+            bn = source[folded_convs[layer.name]]
+            layer.set_weights(list(folded_weights(source[layer.name], bn)))
+        elif layer.weights:
+            layer.set_weights([w.numpy() for w in source[layer.name].weights])
+    return copy
+
+
+def _leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out += _leaf_layers(layer)
+        else:
+            out.append(layer)
+    return out
