@@ -1,8 +1,9 @@
 """Training throughput: one optimizer step (forward, backward, AdamW update) in images/s.
 
-Ours: the trainer's own model, optimizer and train step (`trainer.training.loop.Loop`, the
-`strategy.run` step inside a `tf.function`), with and without XLA. Reference: timm's `mobilevit_*` in PyTorch eager mode with
-AdamW. Same batch of random images for both, 1000 classes, same thread count, interleaved.
+Ours: the trainer's own model, optimizer and train step (`trainer.training.loop.Loop`,
+the `strategy.run` step inside a `tf.function`), with and without XLA. Reference: timm's
+`mobilevit_*` in PyTorch eager mode with AdamW. Same batch of random images for both, 1000
+classes, same thread count, interleaved.
 
     python -m bench.train_speed                       # all sizes: 256, 128, 64 and 32, batch 32
     python -m bench.train_speed --models mobilevit_xxs --sizes 256 --repeats 5

@@ -202,7 +202,7 @@ def test_v2_trains_exports_and_converts_to_litert_without_select_tf_ops(tmp_path
 
     from trainer.training.train import train
 
-    cfg = tiny_cfg("model=mobilevitv2_050", "data=digits", "trainer.epochs=3",
+    cfg = tiny_cfg("model=mobilevitv2_050", "data=digits", "trainer.epochs=4",
                    "trainer.steps_per_epoch=44", "trainer.batch_size=32", "trainer.eval_steps=null",
                    "aug=none", "optim.lr=2e-3", "model.head_dropout=0",
                    "export.litert=[float32,int8]", "export.check_images=100")

@@ -85,7 +85,7 @@ def fused_vs_keras(replicas: int, steps: int = 4) -> dict:
                 opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
                 opt.build(model.trainable_variables)
 
-            def replica_step(x, y):
+            def replica_step(x, y, model=model, opt=opt):
                 with tf.GradientTape() as tape:
                     loss = tf.nn.compute_average_loss(keras.losses.sparse_categorical_crossentropy(
                         y, model(x, training=True), from_logits=True))

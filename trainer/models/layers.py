@@ -9,6 +9,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from trainer.models.batchnorm import FusedBatchNormalization
 from trainer.models.presets import make_divisible
 
 BN_MOMENTUM = 0.9
@@ -141,8 +142,8 @@ def conv_bn(x, filters: int, kernel: int, stride: int, name: str, *, act: bool =
         x = layers.DepthwiseConv2D(kernel, stride, padding, use_bias=False, name=f"{name}_conv")(x)
     else:
         x = layers.Conv2D(filters, kernel, stride, padding, use_bias=False, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=sync_bn,
-                                  name=f"{name}_bn")(x)
+    x = FusedBatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=sync_bn,
+                                name=f"{name}_bn")(x)
     return layers.Activation("silu", name=f"{name}_act")(x) if act else x
 
 
