@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -91,6 +92,11 @@ def start_wandb(lc, config: dict, run_dir: Path):
         raise
 
 
+# A plot costs about 0.6 s (matplotlib): at most once a minute, and when training ends; a
+# quickstart epoch takes 4 s.
+PLOT_EVERY_S = 60.0
+
+
 class EpochLoggers:
     """`with EpochLoggers(...) as loggers:` log each epoch; wandb is finished on the way out."""
 
@@ -103,6 +109,7 @@ class EpochLoggers:
                        if chief and logger_cfg.tensorboard else None)
         self.wandb = (start_wandb(logger_cfg, config, run_dir)
                       if chief and logger_cfg.name == "wandb" else None)
+        self._plotted_at, self._plotted_rows = time.monotonic(), 0
 
     def __enter__(self) -> EpochLoggers:
         return self
@@ -111,7 +118,8 @@ class EpochLoggers:
         self.history.append(row)
         if not self.chief:
             return
-        plot_curves(self.history.rows, self.run_dir / "curves.png")
+        if time.monotonic() - self._plotted_at >= PLOT_EVERY_S:
+            self._plot()
         if self.writer:
             with self.writer.as_default(step=row["epoch"]):
                 for k, v in row.items():
@@ -124,7 +132,13 @@ class EpochLoggers:
             self.wandb.summary.update({k: v for k, v in metrics.items()
                                        if isinstance(v, (int, float, str, bool))})
 
+    def _plot(self) -> None:
+        plot_curves(self.history.rows, self.run_dir / "curves.png")
+        self._plotted_at, self._plotted_rows = time.monotonic(), len(self.history.rows)
+
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self.chief and len(self.history.rows) > self._plotted_rows:
+            self._plot()  # the last epochs, however training ended
         if self.writer:
             self.writer.flush()
         if self.wandb:

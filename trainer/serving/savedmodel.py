@@ -18,7 +18,7 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 from trainer.atomic import replacing, replacing_dir, write_json
 from trainer.config.schema import TOP_K
 from trainer.models.folding import fold_batchnorm
-from trainer.models.head import find_backbone
+from trainer.models.head import HEAD, find_backbone
 from trainer.models.mobilevit import float32_copy
 from trainer.models.preprocessing import MobileViTPreprocessor
 from trainer.serving import litert
@@ -51,14 +51,31 @@ def frozen_forward(net: keras.Model, image_size: int) -> tf.types.experimental.G
     the time (bench/profile_infer.py: XXS 22.9 -> 17.5 ms per image). The SavedModel is served,
     not trained: model.keras is the one to fine-tune.
     """
+    return _frozen(net, [net.output], image_size)[0]
+
+
+def frozen_forwards(classifier: keras.Model, image_size: int) -> dict[str, Callable]:
+    """{"logits": f, "features": f}: the classifier's inference pass frozen once for both
+    SavedModels (tracing and freezing is most of an export's time); features are the pooled
+    features the head reads (its dropout is the identity at inference)."""
+    net = fold_batchnorm(classifier)
+    logits, features = _frozen(net, [net.output, net.get_layer(HEAD).input], image_size)
+    return {"logits": logits, "features": features}
+
+
+def _frozen(net: keras.Model, outputs: list, image_size: int) -> list[Callable]:
     spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)
-    live = tf.function(lambda images: tf.cast(net(images, training=False), tf.float32))
+    both = keras.Model(net.input, outputs)
+    live = tf.function(lambda images: [tf.cast(t, tf.float32)
+                                       for t in tf.nest.flatten(both(images, training=False))])
     frozen = convert_variables_to_constants_v2(live.get_concrete_function(spec))
 
-    @tf.function(input_signature=[spec])
-    def forward(images):
-        return tf.nest.flatten(frozen(images))[0]
-    return forward
+    def output(i: int):
+        @tf.function(input_signature=[spec])
+        def forward(images):
+            return tf.nest.flatten(frozen(images))[i]
+        return forward
+    return [output(i) for i in range(len(outputs))]
 
 
 def export_float_savedmodel(model: keras.Model, path: Path, image_size: int,
@@ -98,11 +115,10 @@ def check_reload(path: Path, images: np.ndarray, expected: np.ndarray, key: str,
 RELOAD_TOLERANCE = 1e-4
 
 
-def _image_signatures(net: keras.Model, image_size: int, crop_pct: float, interpolation: str,
+def _image_signatures(forward: Callable, image_size: int, crop_pct: float, interpolation: str,
                       outputs: Callable):
-    """serving_default (uint8, any size), serve_bytes (JPEG/PNG), serve_float (the TF Hub one)."""
-    # Traced once and called by all three signatures: each would otherwise trace the network.
-    forward = frozen_forward(net, image_size)
+    """serving_default (uint8, any size), serve_bytes (JPEG/PNG), serve_float (the TF Hub one).
+    `forward`: the frozen network, traced once and called by all three signatures."""
     # The public preprocessing layer: what a user's own Keras model gets from the library API.
     preprocess = MobileViTPreprocessor(image_size, crop_pct, interpolation)
 
@@ -132,8 +148,10 @@ def _image_signatures(net: keras.Model, image_size: int, crop_pct: float, interp
 
 
 def export_classifier(model: keras.Model, path: Path, class_names: list[str], image_size: int,
-                      crop_pct: float, interpolation: str = "bilinear") -> Path:
-    model = fold_batchnorm(model)  # a no-op on a model already folded
+                      crop_pct: float, interpolation: str = "bilinear",
+                      forward: Callable | None = None) -> Path:
+    """`forward`: the frozen logits of `frozen_forwards(model)`, if already traced."""
+    forward = forward or frozen_forward(fold_batchnorm(model), image_size)
     names = tf.constant(class_names)
     k = min(TOP_K, len(class_names))
 
@@ -142,14 +160,16 @@ def export_classifier(model: keras.Model, path: Path, class_names: list[str], im
         return {"logits": logits, "probabilities": tf.nn.softmax(logits),
                 "top_k_indices": top.indices, "top_k_names": tf.gather(names, top.indices)}
 
-    endpoints = _image_signatures(model, image_size, crop_pct, interpolation, outputs)
+    endpoints = _image_signatures(forward, image_size, crop_pct, interpolation, outputs)
     return replacing_dir(path, lambda tmp: _save(tmp, endpoints))
 
 
 def export_feature_extractor(model: keras.Model, path: Path, image_size: int,
-                             crop_pct: float, interpolation: str = "bilinear") -> Path:
-    net = fold_batchnorm(feature_model(model))
-    endpoints = _image_signatures(net, image_size, crop_pct, interpolation,
+                             crop_pct: float, interpolation: str = "bilinear",
+                             forward: Callable | None = None) -> Path:
+    """`forward`: the frozen features of `frozen_forwards(model)`, if already traced."""
+    forward = forward or frozen_forward(fold_batchnorm(feature_model(model)), image_size)
+    endpoints = _image_signatures(forward, image_size, crop_pct, interpolation,
                                   lambda f: {"features": f})
     return replacing_dir(path, lambda tmp: _save(tmp, endpoints))
 
@@ -187,8 +207,11 @@ def export_run(model: keras.Model, class_names: list[str], export_cfg, card: Mod
         served = float32_copy(model)
         # The inference graph: each conv -> BatchNorm pair one convolution (trainer/models/folding.py)
         folded = fold_batchnorm(served)
-        export_classifier(folded, out / "classifier", class_names, size, crop, method)
-        export_feature_extractor(served, out / "feature_extractor", size, crop, method)
+        forwards = frozen_forwards(folded, size)
+        export_classifier(folded, out / "classifier", class_names, size, crop, method,
+                          forwards["logits"])
+        export_feature_extractor(folded, out / "feature_extractor", size, crop, method,
+                                 forwards["features"])
         save_keras(model, out / "model.keras")  # as trained, to fine-tune further
         check = collect_images(val_ds, export_cfg.check_images)
         expected = served(check, training=False).numpy()
