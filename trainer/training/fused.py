@@ -2,8 +2,9 @@
 
 Why hand-written (#20): Keras 3 writes every variable's update as separate graph ops (about 45
 per variable for AdamW, the learning-rate schedule evaluated again for each variable's weight
-decay): 11,300 of the 18,700 ops of an XXS training step. Tracing them is most of the first
-step's time, and running them is most of a step at small inputs. TensorFlow's own training
+decay): 11,300 of the 18,700 ops of an XXS training step. Tracing them, and grappler's passes
+over them, were most of the time to the first step (bench/first_step.py: 11.2 -> 5.0 s for XXS;
+steady steps are as fast either way: grappler merges the repeated scalars). TensorFlow's own training
 kernels (`ResourceApplyAdam`, `ResourceApplyKerasMomentum`) compute the same formulas, in the
 same order, as one op per variable; the step's shared scalars (learning rate, beta powers) are
 computed once. Keras still owns everything else: slots, schedules, clipping, loss scaling, EMA,
@@ -24,7 +25,7 @@ class FusedUpdates:
     """Mixin before a Keras optimizer class; subclasses give `_fused_update`."""
 
     lr_factors: dict[str, float] = {}
-    _step_lr = None  # this step's learning rate, while the update is being traced
+    _step_lr = _step_scalars = None  # this step's scalars, while the update is being traced
 
     def _factor(self, variable) -> float:
         if not self.lr_factors:
@@ -33,26 +34,13 @@ class FusedUpdates:
         return self.lr_factors.get(built.path, 1.0)
 
     def _apply_weight_decay(self, variables):
-        """Keras' decoupled decay (v -= v x lr x wd), the schedule evaluated once per step."""
-        if self.weight_decay is None:
-            return
+        """Done in `update_step`, each variable just before its own update: the same arithmetic
+        as Keras' separate pass (v -= v x lr x wd; a variable's update reads only itself), in
+        half the per-variable `tf.distribute` updates to trace."""
 
-        def apply(distribution, variables, **kwargs):
-            lr_wd = tf.cast(self.learning_rate, tf.float32) * self.weight_decay
-            rates = {}  # one scalar per distinct factor
-            for variable in variables:
-                if not self._use_weight_decay(variable):
-                    continue
-                factor = self._factor(variable)
-                if factor not in rates:
-                    rates[factor] = lr_wd * factor if factor != 1.0 else lr_wd
-                rate = tf.cast(rates[factor], variable.dtype)
-                value = variable.value if isinstance(variable, keras.Variable) else variable
-                distribution.extended.update(value, lambda v, r=rate: v.assign_sub(v * r),
-                                             group=False)
-
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            apply, self._distribution_strategy, variables)
+    def _decay(self, variable, lr) -> None:
+        if self.weight_decay is not None and self._use_weight_decay(variable):
+            variable.assign_sub(variable * tf.cast(lr * self.weight_decay, variable.dtype))
 
     def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
         # `learning_rate` is per replica here: the schedule again, once, in cross-replica context.
@@ -68,17 +56,20 @@ class FusedUpdates:
 
     def _lr_for(self, variable):
         """The step's rate times the variable's layer-decay factor (one op per factor)."""
+        if self._step_lr is None:  # outside `_distributed_tf_update_step`: Keras' own rate
+            return tf.cast(self.learning_rate, tf.float32) * self._factor(variable)
         factor = self._factor(variable)
         if factor not in self._scaled_lr:
             self._scaled_lr[factor] = self._step_lr * factor if factor != 1.0 else self._step_lr
         return self._scaled_lr[factor]
 
     def update_step(self, gradient, variable, learning_rate):
-        fusable = self._step_lr is not None and variable.dtype == tf.float32
-        if fusable and self._fused_update(tf.cast(gradient, tf.float32), variable,
-                                          self._lr_for(variable)):
+        lr = self._lr_for(variable)
+        self._decay(variable, lr)
+        fusable = self._step_scalars is not None and variable.dtype == tf.float32
+        if fusable and self._fused_update(tf.cast(gradient, tf.float32), variable, lr):
             return
-        super().update_step(gradient, variable, learning_rate * self._factor(variable))
+        super().update_step(gradient, variable, lr)
 
     def _fused_update(self, gradient, variable, lr) -> bool:
         return False
