@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import infer_speed, macs, memory, pipeline_speed, profile_infer, report, train_speed
+from bench import first_step, infer_speed, macs, memory, pipeline_speed, profile_infer, report, train_speed
 
 
 def main() -> None:
@@ -15,6 +15,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     device = ["--device", parser.parse_args().device]
     train_speed.main(device)
+    # Small inputs, where per-op overhead sets the pace (#20).
+    train_speed.main([*device, "--sizes", "64", "32", "--out", "train_small"])
     infer_speed.main(device)
     v2 = ["--models", "mobilevitv2_050", "mobilevitv2_100", "mobilevitv2_200"]
     train_speed.main([*device, *v2, "--sizes", "128", "--batch", "16", "--repeats", "2",
@@ -24,6 +26,7 @@ def main() -> None:
     macs.main(device)
     if device[1] == "cpu":  # peak RSS is host memory; on a GPU the device memory matters
         memory.main([])
+        first_step.main([])
         profile_infer.main(["--models", "mobilevit_xxs", "mobilevit_xs", "mobilevit_s"])
     report.main()
 

@@ -7,6 +7,9 @@ a small launcher process: Linux carries a process's peak RSS across fork and exe
 this (large) process would report at least this process's own peak.
 
     python -m bench.memory
+
+Two more children per model say where ours goes: our model and train step alone on a fixed
+batch (timm's loop, in TensorFlow: no tf.data, no trainer), and TensorFlow imported alone.
 """
 
 from __future__ import annotations
@@ -33,6 +36,28 @@ x, y = torch.rand({batch}, 3, {size}, {size}), torch.randint(0, 10, ({batch},))
 for _ in range(3):
     opt.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()
 """
+
+
+# Where ours goes: the same 3 steps as timm's loop, our model and step alone (no tf.data, no
+# trainer), and TensorFlow imported with nothing else.
+STEP_RUN = """
+import sys, numpy as np, tensorflow as tf
+sys.path.insert(0, ".")
+tf.config.threading.set_intra_op_parallelism_threads({threads})
+from trainer.models.head import build_classifier
+from trainer.models.mobilevit import MobileViTBackbone
+from trainer.training.fused import FusedAdamW
+from trainer.training.loop import Loop
+model = build_classifier(MobileViTBackbone.from_preset("{model}"), 10)
+opt = FusedAdamW(1e-4)
+rng = np.random.default_rng(0)
+batch = (rng.random(({batch}, {size}, {size}, 3), dtype=np.float32), np.zeros({batch}, np.int32))
+it = iter(tf.data.Dataset.from_tensors(batch).repeat())
+loop = Loop(tf.distribute.get_strategy(), model, opt, 10, {batch})
+for _ in range(3):
+    loop.train_step(it)["loss"].numpy()
+"""
+IMPORT_ONLY = "import tensorflow as tf; tf.constant(1.0) + 1.0"
 
 
 # Forks and execs the command from a fresh ~10 MiB interpreter, waits, prints the peak in KiB.
@@ -72,16 +97,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "trainer.epochs=1", "trainer.steps_per_epoch=3", "trainer.eval_steps=1",
                 "trainer.export=false", "logger.tensorboard=false", f"hydra.run.dir={tmp}/run"],
                 env={"PYTHONPATH": str(ROOT)})
-        ref = peak_rss_mib([sys.executable, "-c", TIMM_RUN.format(
-            threads=threads, model=model, batch=args.batch, size=args.size)])
+        fill = dict(threads=threads, model=model, batch=args.batch, size=args.size)
+        ref = peak_rss_mib([sys.executable, "-c", TIMM_RUN.format(**fill)])
+        step = peak_rss_mib([sys.executable, "-c", STEP_RUN.format(**fill)])
+        tf_alone = peak_rss_mib([sys.executable, "-c", IMPORT_ONLY])
         rows.append({"task": "memory", "model": model, "batch": args.batch, "size": args.size,
                      "ours_peak_rss_mib": round(ours), "ref_peak_rss_mib": round(ref),
-                     "ratio": round(ours / ref, 2)})
+                     "ratio": round(ours / ref, 2), "ours_step_only_mib": round(step),
+                     "tensorflow_import_mib": round(tf_alone)})
         print(rows[-1], flush=True)
     path = common.write("memory", rows, info)
     print(common.table(rows, [("model", "model"), ("batch", "batch"), ("size", "size"),
                               ("ours_peak_rss_mib", "ours MiB"),
-                              ("ref_peak_rss_mib", "timm MiB"), ("ratio", "ours / timm")]))
+                              ("ref_peak_rss_mib", "timm MiB"), ("ratio", "ours / timm"),
+                              ("ours_step_only_mib", "our step alone MiB"),
+                              ("tensorflow_import_mib", "TF imported MiB")]))
     print(f"wrote {path}")
     return rows
 

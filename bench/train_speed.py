@@ -5,7 +5,8 @@ the `strategy.run` step inside a `tf.function`), with and without XLA. Reference
 `mobilevit_*` in PyTorch eager mode with AdamW. Same batch of random images for both, 1000
 classes, same thread count, interleaved.
 
-    python -m bench.train_speed                       # all sizes: 256, 128, 64 and 32, batch 32
+    python -m bench.train_speed                       # all sizes, 256 and 128, batch 32
+    python -m bench.train_speed --sizes 64 32 --out train_small  # small inputs
     python -m bench.train_speed --models mobilevit_xxs --sizes 256 --repeats 5
     python -m bench.train_speed --models mobilevitv2_050 mobilevitv2_100 --sizes 128 --out train_v2
     python -m bench.train_speed --device gpu          # mixed precision + XLA vs timm AMP on CUDA
@@ -94,7 +95,7 @@ def measure(name: str, size: int, args) -> list[dict]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(common.MODELS))
-    parser.add_argument("--sizes", nargs="+", type=int, default=[256, 128, 64, 32])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[256, 128])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=1, help="steps per timed call")
