@@ -185,37 +185,39 @@ SPEED_A_USER_FEELS = """\
   update as ~45 graph ops and evaluates the schedule again for every variable's weight decay;
   TensorFlow's `ResourceApplyAdam` / `ResourceApplyKerasMomentum` compute the same update as one
   op (bit-identical to Keras given the betas' float32 values; tested on 1 and 2 replicas). The
-  XXS training graph went from 17,400 to 7,900 ops; the first step from 11 s to 5 s (table above).
-  Steady steps are as fast as before: grappler had already merged the repeated scalars.
+  training graph went from 17,400 to 8,400 ops and the first step from 10-11 s to 4.5-5.0 s
+  (table above). Steady steps are about as fast as before: grappler had merged the repeats.
 - *Fused training BatchNorm* (`trainer/models/batchnorm.py`): `FusedBatchNormV3`, one op forward
-  and one backward instead of ~30; 64x64 XXS steps 112 -> 93 ms; peak training memory down 2-5%.
+  and one backward instead of ~30: XXS steps at 64x64 112 -> 93 ms; peak training memory 3-5%
+  lower (XXS 3863 -> 3686 MiB, S 8040 -> 7740).
 - *BatchNorm folded into the convolutions* of every export (`trainer/models/folding.py`); the
-  classifier's inference pass is traced and frozen once for both SavedModels; the quickstart's
-  curves are drawn when training ends rather than every epoch. Quickstart: 100 s -> 60 s.
+  classifier's inference pass traced and frozen once for both SavedModels; the curves drawn when
+  training ends, not every epoch. The quickstart: 100 s -> 58 s, val_accuracy 0.978.
 
-Still missed, and why (each measured with the command of its table):
-- *Quickstart <= 45 s*: of its 60 s, about 5 s are Python and TensorFlow imports, 5 s the first
-  step, 20 s the 352 steps themselves (60 ms each at 32x32: the op count of a MobileViT step, not
-  arithmetic), 8 s rebuilding the tf.data pipeline, validating and checkpointing each epoch, and
-  7 s the export (two SavedModels, model.keras, the reload check). timm's 20 s is a bare loop
-  with no per-epoch checkpoints, validation or export.
-- *First step <= 5 s*: 4.8-5.1 s for the three sizes: ~2.9 s Python tracing (Keras layers, the
-  tape's gradient, 250 variable updates) and ~2.1 s grappler + first run. Grappler off
-  (`disable_meta_optimizer`) saves ~1.5 s but slows steps at 64x64 by 5%: not adopted.
-- *Training at small inputs*: a step at 32x32 is per-op overhead (about 4,000 ops run per step);
-  XLA on CPU is slower at every size (rows above). LayerNorm still runs as separate ops (the v1
-  transformer has 21): the next candidate for a fused kernel.
-- *SavedModel at batch 1 >= 1.3x*: folding removed the BatchNorm arithmetic, but ~1,000 ops per
-  image remain (attention, LayerNorm, patch (un)folding); the executor's per-op cost is what
-  timm's eager kernels do not pay on a 2-core CPU.
-- *Full int8 LiteRT faster than float*: unchanged by folding. XNNPACK's int8 path has no
-  LayerNorm (MEAN, SQUARED_DIFFERENCE, RSQRT) or quantized LOGISTIC for SiLU, so the graph is cut
-  into ~60 delegate partitions with QUANTIZE/DEQUANTIZE between them; a selective plan keeping
-  those ops in float gives the same cuts. Dynamic-range int8 is the int8 file to use on a CPU.
-- *Peak memory <= timm*: of XXS's ~3.7 GB at 256x256, the step alone (model, optimizer, one
-  fixed batch, no tf.data) is most of it (memory table): activations kept for the backward pass
-  in TensorFlow's allocator, plus ~0.5 GB of TensorFlow itself; the trainer's pipeline and
-  checkpoints add the rest."""
+Still missed, and why (each measured with the command of its table; the 256 and 128 training
+rows are from 2026-11-24, before the fused kernels):
+- *Quickstart <= 45 s* (58 s): 3.7 s start-up (imports, config), 1.6 s data and model, 5 s the
+  first step, 21 s the 352 steps (60 ms each at 32x32: a MobileViT step's op count, not its
+  arithmetic), about 16 s per-epoch work (validation and its first trace, the tf.data pipeline
+  rebuilt each epoch, two checkpoints), 6 s the export (two SavedModels, model.keras, reload
+  check), 2.5 s writing the results and exiting. timm's 20 s is a bare loop without them.
+- *Training >= timm at small inputs*: at 64x64 0.89-1.03x, at 32x32 0.57-0.80x. A step there is
+  per-op overhead: ~4,000 ops run per step, each a few microseconds of executor time that timm's
+  eager kernels do not pay; XLA on CPU is slower at every size (rows above). LayerNorm still runs
+  as separate ops (21 in the v1 transformer): the next candidate for a fused kernel.
+- *SavedModel at batch 1 >= 1.3x* (0.92-1.06x): folding removed BatchNorm's arithmetic, which
+  grappler had already folded from the frozen constants; ~1,000 ops per image remain (attention,
+  LayerNorm, patch (un)folding), and their per-op cost is the gap.
+- *Full int8 LiteRT faster than float* (XXS 33 vs 7.7 ms): unchanged by folding. XNNPACK's int8
+  path has no LayerNorm (MEAN, SQUARED_DIFFERENCE, RSQRT) and no int8 LOGISTIC for SiLU here, so
+  the graph is cut into ~60 delegate partitions with QUANTIZE/DEQUANTIZE between them; keeping
+  those ops in float (a selective plan) makes the same cuts. Dynamic-range int8 is the int8 file
+  to use on a CPU; full int8 is for NPUs and microcontrollers, which run those ops in int8.
+- *Peak memory <= timm* (1.26-1.45x): our model and step alone on one fixed batch (no tf.data, no
+  trainer) peak as high as the whole run (memory table), so the excess is the step itself:
+  TensorFlow keeps the forward activations for the backward pass in its own allocator, and
+  TensorFlow imported alone holds 640 MiB. One inter-op thread instead of two: no change
+  (3763 vs 3792 MiB for XXS)."""
 
 
 def _worst(rows: list[dict], keep) -> float | None:
