@@ -149,7 +149,8 @@ def profile_section(rows: list[dict]) -> str:
     """Batch-1 latency of the variants tried, and where the time goes (bench/profile_infer.py)."""
     variants = list(rows[0]["ms"])
     lines = ["**Batch 1, where the time goes** (`python -m bench.profile_infer`; ms per image; "
-             "`savedmodel` is the export, whose graph has its weights frozen in as constants; "
+             "`savedmodel` is the export: BatchNorm folded into the convolutions, weights frozen "
+             "in as constants; `frozen constants` the same without the folding; "
              "`tf.function` is the same network reading its variables):", "",
              "| model | " + " | ".join(variants) + " | TF ops per image | top op types (ms) |",
              "|" + "---|" * (len(variants) + 3)]
@@ -168,8 +169,9 @@ most of them small (the two executor threads overlap them), and a third are elem
 of BatchNorm and LayerNorm. Tried: XLA (`jit_compile=True`) on CPU, 2-3x slower (column above);
 one inter-op thread, 22.1 vs 23.7 ms for XXS (within the spread, not adopted); oneDNN off
 (`TF_ENABLE_ONEDNN_OPTS=0`), 29.0 vs 23.7 ms; weights frozen in as constants so grappler folds
-the normalisation arithmetic, 15-20% faster: adopted, the export serves that graph. Next step:
-fold BatchNorm into the convolution weights and fuse LayerNorm in the exported graph.
+the normalisation arithmetic, 15-20% faster: adopted. BatchNorm folded into the convolutions
+(2026-11-30, `savedmodel` above): no faster than the frozen constants, which grappler had
+already folded; LayerNorm and attention remain.
 Full-int8 LiteRT is slower than float32 because XNNPACK runs only pieces of the quantized graph:
 the XXS file has 61 delegate partitions and 22 QUANTIZE/DEQUANTIZE pairs, where LayerNorm (MEAN,
 SQUARED_DIFFERENCE, RSQRT) and SiLU's LOGISTIC stay on LiteRT's built-in int8 kernels.
@@ -254,6 +256,10 @@ def targets(train: list[dict], infer: list[dict], pipeline: list[dict]) -> str:
     for name, bar, worst in checks:
         if worst is not None:
             lines.append(f"| {name} | {worst:.2f}x | {'yes' if worst >= bar else '**no**'} |")
+    memory = [r["ratio"] for r in load("memory")]
+    if memory:
+        lines.append(f"| training peak RSS <= 1.0x timm, 256x256 batch 32 | {max(memory):.2f}x | "
+                     f"{'yes' if max(memory) <= 1.0 else '**no**'} |")
     first = [r["first_step_s"] for r in load("first_step") if r["optimizer"].startswith("trainer")]
     if first:
         lines.append(f"| first training step <= 5 s after the model is built | {max(first):.1f} s | "
