@@ -2,7 +2,7 @@
 
 Why hand-written (#20): Keras 3 writes a training-mode batch norm as separate ops (the moments,
 then the scale and shift) and its gradient as many more (broadcasts, reductions): about 30 ops
-per layer in a training step, most of a step's time at small inputs. TensorFlow's
+per layer in a training step (XXS at 64x64: 112 ms per step, 93 ms fused). TensorFlow's
 `FusedBatchNormV3` (oneDNN on CPU, cuDNN on GPU) is one op forward and one backward. Everything
 Keras owns stays: the variables, their names, the moving-average update (with the biased batch
 variance, as Keras; the kernel's own batch variance is Bessel-corrected), the config, inference

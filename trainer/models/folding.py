@@ -2,9 +2,10 @@
 
 At inference a BatchNorm is an affine map per channel, y = x * s + (beta - mean * s) with
 s = gamma / sqrt(var + eps); after a bias-free convolution it folds into the convolution's kernel
-(times s, per output channel) and a new bias. The folded copy runs one op where three ran
-(convolution, then BN's multiply and add), and the convolution's bias and SiLU are what
-TensorFlow's remapper / oneDNN fuse into one kernel. The Keras model and the checkpoints keep
+(times s, per output channel) and a new bias: the folded graph has no BatchNorm arithmetic left
+for any runtime (LiteRT, TF Serving, a converter) to execute or fold. On TensorFlow's CPU
+runtime it serves no faster than the unfolded graph with its weights frozen in as constants,
+which grappler folds as well (bench/profile_infer.py). The Keras model and the checkpoints keep
 the trainable form; only exports are folded. Hand-written: Keras has no BN folding, and the
 TF Model Optimization toolkit folds only inside its quantisation-aware wrappers.
 """

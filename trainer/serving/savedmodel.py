@@ -65,9 +65,9 @@ def frozen_forwards(classifier: keras.Model, image_size: int) -> dict[str, Calla
 
 def _frozen(net: keras.Model, outputs: list, image_size: int) -> list[Callable]:
     spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)
-    both = keras.Model(net.input, outputs)
-    live = tf.function(lambda images: [tf.cast(t, tf.float32)
-                                       for t in tf.nest.flatten(both(images, training=False))])
+    outputs_net = keras.Model(net.input, outputs)
+    live = tf.function(lambda images: [
+        tf.cast(t, tf.float32) for t in tf.nest.flatten(outputs_net(images, training=False))])
     frozen = convert_variables_to_constants_v2(live.get_concrete_function(spec))
 
     def output(i: int):

@@ -3,9 +3,9 @@
 Why hand-written (#20): Keras 3 writes every variable's update as separate graph ops (about 45
 per variable for AdamW, the learning-rate schedule evaluated again for each variable's weight
 decay): 11,300 of the 18,700 ops of an XXS training step. Tracing them, and grappler's passes
-over them, were most of the time to the first step (bench/first_step.py: 11.2 -> 5.0 s for XXS;
-steady steps are as fast either way: grappler merges the repeated scalars). TensorFlow's own training
-kernels (`ResourceApplyAdam`, `ResourceApplyKerasMomentum`) compute the same formulas, in the
+over them, were most of the time to the first step (bench/first_step.py: 10-11 s -> 4.5-5.0 s;
+steady steps are about as fast either way: grappler merges the repeated scalars). TensorFlow's
+own training kernels (`ResourceApplyAdam`, `ResourceApplyKerasMomentum`) compute the same formulas, in the
 same order, as one op per variable; the step's shared scalars (learning rate, beta powers) are
 computed once. Keras still owns everything else: slots, schedules, clipping, loss scaling, EMA,
 checkpointed state. Lion and LAMB have no fused kernel: they keep Keras' update (with the

@@ -199,21 +199,26 @@ class Loop:
         if self.accumulate_steps > 1:
             return self._accumulated_step(iterator)
         if self._train_step is None:  # traced once per trainable set
-            if self.jit_compile:
-                # XLA compiles static shapes only: the batch comes in as an argument, so each
-                # planned batch shape (multi-scale) gets its own trace and compiled step.
-                @tf.function
-                def step(batch):
-                    return self._reduce(self.strategy.run(self._replica_train, args=batch))
-                self._train_step = lambda it: step(next(it))
-            else:
-                # reduce_retracing: multi-scale batches differ in shape; one relaxed trace
-                # serves all, and the batch is fetched inside the graph.
-                @tf.function(reduce_retracing=True)
-                def step(it):
-                    return self._reduce(self.strategy.run(self._replica_train, args=next(it)))
-                self._train_step = step
+            self._train_step = self.make_train_step()
         return self._train_step(iterator)
+
+    def make_train_step(self) -> Callable:
+        """The compiled step, a function of the iterator, not yet traced (bench/first_step.py
+        times its trace and first run apart)."""
+        if self.jit_compile:
+            # XLA compiles static shapes only: the batch comes in as an argument, so each
+            # planned batch shape (multi-scale) gets its own trace and compiled step.
+            @tf.function
+            def step(batch):
+                return self._reduce(self.strategy.run(self._replica_train, args=batch))
+            return lambda it: step(next(it))
+
+        # reduce_retracing: multi-scale batches differ in shape; one relaxed trace serves all,
+        # and the batch is fetched inside the graph.
+        @tf.function(reduce_retracing=True)
+        def step(it):
+            return self._reduce(self.strategy.run(self._replica_train, args=next(it)))
+        return step
 
     def eval_step(self, batch):
         if self._eval_step is None:
