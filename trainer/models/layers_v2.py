@@ -18,7 +18,8 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from trainer.models.layers import DropPath, PatchLayer, conv_bn, fold_patches, padded_size, unfold_patches
+from trainer.models.layers import (DropPath, PatchLayer, conv_bn, fold_patches, padded_size, silu,
+                                   unfold_patches)
 
 GN_EPSILON = 1e-5
 
@@ -107,7 +108,7 @@ def linear_transformer_layer(x, dim: int, ffn_dim: int, name: str, *, dropout: f
     h = layers.Dropout(dropout, name=f"{name}_attn_drop")(h) if dropout else h
     h = DropPath(drop_path, name=f"{name}_droppath1")(h) if drop_path else h
     x = layers.Add(name=f"{name}_add1")([x, h])
-    h = layers.Dense(ffn_dim, activation="silu", name=f"{name}_fc1")(group_norm(x, f"{name}_norm2"))
+    h = layers.Dense(ffn_dim, activation=silu, name=f"{name}_fc1")(group_norm(x, f"{name}_norm2"))
     h = layers.Dropout(dropout, name=f"{name}_ffn_drop")(h) if dropout else h
     h = layers.Dense(dim, name=f"{name}_fc2")(h)
     h = DropPath(drop_path, name=f"{name}_droppath2")(h) if drop_path else h

@@ -39,8 +39,21 @@ class FusedUpdates:
         half the per-variable `tf.distribute` updates to trace."""
 
     def _decay(self, variable, lr) -> None:
-        if self.weight_decay is not None and self._use_weight_decay(variable):
+        if self.weight_decay is None or not self._use_weight_decay(variable):
+            return
+        if self._step_lr is None or variable.dtype != tf.float32:  # Keras' own arithmetic
             variable.assign_sub(variable * tf.cast(lr * self.weight_decay, variable.dtype))
+            return
+        # v -= v x (lr x wd) as one kernel (`ResourceApplyGradientDescent`: var -= alpha x
+        # delta, the same product and subtraction), lr x wd formed once per rate: 2 ops per
+        # variable instead of 6 (about 1,000 fewer in an XXS step to trace and optimise).
+        key = ("decay", id(lr))
+        if key not in self._scaled_lr:
+            self._scaled_lr[key] = lr * tf.constant(self.weight_decay, tf.float32)
+        handle = variable.handle
+        tf.raw_ops.ResourceApplyGradientDescent(
+            var=handle, alpha=self._scaled_lr[key],
+            delta=tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.float32))
 
     def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
         # `learning_rate` is per replica here: the schedule again, once, in cross-replica context.
