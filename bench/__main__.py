@@ -7,7 +7,17 @@ from __future__ import annotations
 
 import argparse
 
-from bench import first_step, infer_speed, macs, memory, pipeline_speed, profile_infer, report, train_speed
+from bench import (
+    first_step,
+    infer_speed,
+    macs,
+    memory,
+    pipeline_speed,
+    profile_infer,
+    quickstart,
+    report,
+    train_speed,
+)
 
 
 def main() -> None:
@@ -27,6 +37,7 @@ def main() -> None:
     if device[1] == "cpu":  # peak RSS is host memory; on a GPU the device memory matters
         memory.main([])
         first_step.main([])
+        quickstart.main([])
         profile_infer.main(["--models", "mobilevit_xxs", "mobilevit_xs", "mobilevit_s"])
     report.main()
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from bench import common
@@ -64,6 +65,17 @@ def section() -> str:
                                                  ("first_call_s", "first call s"),
                                                  ("first_step_s", "first step s"),
                                                  ("steady_step_ms", "steady step ms")]))
+    quickstart = load("quickstart")
+    if quickstart:
+        parts.append("**The quickstart** (`python -m bench.quickstart`: README command 1's job, "
+                     "`python -m trainer experiment=quickstart`, each run a fresh process, "
+                     "start-up and export included):\n\n"
+                     + common.table(quickstart, [("run", "run"), ("wall_s", "wall s"),
+                                                 ("val_accuracy", "val acc"),
+                                                 ("test_accuracy", "test acc"),
+                                                 ("first_epoch_s", "epoch 1 s"),
+                                                 ("later_epoch_s", "later epochs s (median)"),
+                                                 ("peak_rss_mib", "peak RSS MiB")]))
     if infer:
         parts.append("**Inference** of the exported files (ms per batch; timm eager, "
                      "`inference_mode`):\n\n"
@@ -264,6 +276,13 @@ def targets(train: list[dict], infer: list[dict], pipeline: list[dict]) -> str:
     if first:
         lines.append(f"| first training step <= 5 s after the model is built | {max(first):.1f} s | "
                      f"{'yes' if max(first) <= 5 else '**no**'} |")
+    quick = load("quickstart")
+    if quick:
+        wall = statistics.median(r["wall_s"] for r in quick)
+        val = min(r["val_accuracy"] for r in quick)
+        lines.append(f"| quickstart <= 45 s wall with val_accuracy >= 0.97 (median run, lowest "
+                     f"accuracy) | {wall:.1f} s, {val:.3f} | "
+                     f"{'yes' if wall <= 45 and val >= 0.97 else '**no**'} |")
     repeated = [r["ms_per_file"] for r in pipeline
                 if r["task"] == "scan" and r["scan"].startswith("repeated")]
     if repeated:

@@ -74,9 +74,14 @@ def test_mirrored_sync_bn_matches_single_replica(tmp_path):
         update = max(float(np.abs(one[k] - start[k]).max()) for k in keys)
         assert update > 1e-3  # the bar can fail: the steps moved these tensors
         assert max_diff({k: one[k] for k in keys}, {k: two[k] for k in keys}) < 2e-3 * update
-    # Per-step losses (logged to 8 decimals) agree to float32 rounding of a loss near log(10).
-    np.testing.assert_allclose(step_losses(single.stdout + single.stderr),
-                               step_losses(mirrored.stdout + mirrored.stderr), rtol=1e-5)
+    # Per-step losses (logged to 8 decimals): step 1 to float32 rounding; step 2 also carries the
+    # first update's difference, the batch variance's E[x^2] - E[x]^2 above included. Measured
+    # relative difference at step 2: 8.8e-6, and 1.2e-5 after the SiLU became x * sigmoid(x)
+    # (2026-11-30; other rounding in the gradient); unsynchronised BN is orders of magnitude off.
+    losses_one = step_losses(single.stdout + single.stderr)
+    losses_two = step_losses(mirrored.stdout + mirrored.stderr)
+    np.testing.assert_allclose(losses_one[0], losses_two[0], rtol=1e-6)
+    np.testing.assert_allclose(losses_one, losses_two, rtol=3e-5)
 
 
 def free_port() -> int:

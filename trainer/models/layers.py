@@ -23,7 +23,7 @@ LN_EPSILON = 1e-5
 
 @keras.saving.register_keras_serializable(package="mobilevit")
 def silu(x):
-    """SiLU, x * sigmoid(x), the same values as Keras' "silu". Why not Keras': it is
+    """SiLU, x * sigmoid(x): Keras' "silu" to float32 rounding. Why not Keras': it is
     `tf.nn.silu`, whose custom gradient computes the sigmoid a second time (and a gradient for
     its constant beta); written out, autodiff reuses the forward sigmoid: 9 ops fewer per
     activation to trace, and one transcendental fewer per element in every training step."""

@@ -18,8 +18,15 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from trainer.models.layers import (DropPath, PatchLayer, conv_bn, fold_patches, padded_size, silu,
-                                   unfold_patches)
+from trainer.models.layers import (
+    DropPath,
+    PatchLayer,
+    conv_bn,
+    fold_patches,
+    padded_size,
+    silu,
+    unfold_patches,
+)
 
 GN_EPSILON = 1e-5
 
