@@ -92,6 +92,25 @@ def test_layer_decay_scales_each_backbone_stage():
     assert step["head/kernel"] == pytest.approx(1.0)
 
 
+def test_layer_decay_scales_each_weights_decoupled_weight_decay():
+    """Zero gradient, lr 1, weight decay 0.1: a decayed weight shrinks by 0.1 x its lr factor
+    (v -= v x lr x factor x wd, one fused kernel per variable), biases and norms not at all."""
+    cfg = tiny_cfg("optim=sgd", "optim.momentum=0", "optim.weight_decay=0.1",
+                   "optim.layer_decay=0.5")
+    model = build_classifier(MobileViTBackbone.from_preset("mobilevit_xxs"), 3)
+    opt = make_optimizer(cfg.optim, 1.0, model, layer_decay_factors(model, 0.5))
+    before = {v.path: v.numpy() for v in model.trainable_variables}
+    tf.function(lambda: opt.apply_gradients([(tf.zeros_like(v), v)
+                                             for v in model.trainable_variables]))()
+    shrink = {v.path: float(np.median(1.0 - v.numpy()[before[v.path] != 0]
+                                      / before[v.path][before[v.path] != 0]))
+              for v in model.trainable_variables if np.any(before[v.path] != 0)}
+    assert shrink["stage0_mv2_0_expand_conv/kernel"] == pytest.approx(0.1 * 0.5 ** 6, rel=1e-4)
+    assert shrink["stage4_mv2_0_expand_conv/kernel"] == pytest.approx(0.1 * 0.5 ** 2, rel=1e-4)
+    assert shrink["head/kernel"] == pytest.approx(0.1, rel=1e-4)
+    assert shrink["stem_bn/gamma"] == 0.0
+
+
 def test_step_and_staged_schedules():
     cfg = tiny_cfg("optim.lr=0.1", "schedule=step", "schedule.warmup_epochs=1",
                    "schedule.decay_epochs=[2,4]", "schedule.decay_rate=0.1")
