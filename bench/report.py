@@ -225,9 +225,10 @@ rows are from 2026-11-24, before the fused kernels):
   trace), 20 s the 352 steps (57 ms each at 32x32: a MobileViT step's op count, not its
   arithmetic), 0.45 s per epoch for the two checkpoints (each a Python walk over ~1,000
   variables), 6 s the export (BatchNorm folding, the frozen inference pass, two SavedModels,
-  model.keras, the reload check), 2 s results and exit. Not tried: a larger batch in the recipe
-  (batch 64 ran the 8 epochs in 48.5 s instead of 58 s before this round, val 0.978), which
-  changes the quickstart's workload rather than the trainer's speed.
+  model.keras, the reload check), 2 s results and exit. Measured, not adopted: batch 64 in the
+  recipe (`python -m bench.quickstart --runs 1 trainer.batch_size=64`: 43.4 s, val 0.978), which
+  changes the quickstart's workload rather than the trainer's speed, and whose margin under 45 s
+  is inside the run-to-run spread above.
 - *Training >= timm at small inputs*: at 64x64 0.89-1.03x, at 32x32 0.57-0.80x. A step there is
   per-op overhead: ~4,000 ops run per step, each a few microseconds of executor time that timm's
   eager kernels do not pay; XLA on CPU is slower at every size (rows above). LayerNorm still runs
