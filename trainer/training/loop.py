@@ -223,17 +223,17 @@ class Loop:
             return self._reduce(self.strategy.run(self._replica_train, args=next(it)))
         return step
 
-    def eval_step(self, batch, spec=None):
-        """`spec`: the distributed dataset's element spec, its batch size unknown: one trace
-        serves full and partial last batches (traced on the first shape, a partial batch would
-        trace the step a second time: 1.3 s in the quickstart's first epoch)."""
+    def eval_step_for(self, spec) -> Callable:
+        """The compiled evaluation step for batches of `spec`, a distributed dataset's element
+        spec with its batch size unknown: one trace serves full and partial last batches
+        (traced on the first shape, a partial batch would trace the step a second time: 1.3 s
+        in the quickstart's first epoch)."""
         key = repr(spec)
         if key not in self._eval_steps:
             def step(b):
                 return self._reduce(self.strategy.run(self._replica_eval, args=b))
-            self._eval_steps[key] = tf.function(
-                step, input_signature=None if spec is None else [spec], autograph=False)
-        return self._eval_steps[key](batch)
+            self._eval_steps[key] = tf.function(step, input_signature=[spec], autograph=False)
+        return self._eval_steps[key]
 
     # ----------------------------------------------------------------- epochs
     def train_epoch(self, iterator, steps: int, epoch: int, epochs: int, verbose: bool,
@@ -263,10 +263,11 @@ class Loop:
                  prefix: str = "val_") -> dict:
         totals = zero_totals()
         distributed = self.strategy.experimental_distribute_dataset(dataset)
+        step = self.eval_step_for(distributed.element_spec)
         for i, batch in enumerate(distributed):
             if max_steps is not None and i >= max_steps:
                 break
-            for k, v in self.eval_step(batch, distributed.element_spec).items():
+            for k, v in step(batch).items():
                 totals[k] = totals.get(k, 0.0) + v.numpy().astype(np.float64)
         return _summarise(totals, prefix)
 
