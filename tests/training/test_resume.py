@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -179,3 +180,64 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path):
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGINT, "".join(output) + rest
     assert time.monotonic() - sent < 5
+
+
+def small_state(directory: Path):
+    from trainer.training.state import TrainState
+
+    model = tf.keras.Sequential([tf.keras.Input((3,)), tf.keras.layers.Dense(2)])
+    optimizer = tf.keras.optimizers.SGD(0.1)
+    optimizer.build(model.trainable_variables)
+    return TrainState(model, optimizer, tf.Variable(1.0), directory, directory, keep=2)
+
+
+def test_each_epoch_end_is_one_save_and_best_is_its_copy(tmp_path):
+    state = small_state(tmp_path)
+    state.restore_or_start()
+    best_dir, last_dir = tmp_path / "checkpoints" / "best", tmp_path / "checkpoints" / "last"
+    for epoch, score, best in [(0, 0.5, 1), (1, 0.4, 1), (2, 0.7, 3)]:
+        state.model.layers[0].kernel.assign_add(tf.ones((3, 2)))  # a different state each epoch
+        state.optimizer.iterations.assign_add(1)  # which numbers the `last` checkpoint
+        saves = int(state.checkpoint.save_counter.numpy())
+        state.end_epoch(epoch, score)
+        assert int(state.checkpoint.save_counter.numpy()) == saves + 1  # written once
+        assert tf.train.latest_checkpoint(str(best_dir)) == str(best_dir / f"ckpt-{best}")
+        assert f'"ckpt-{best}"' in (best_dir / "checkpoint").read_text()  # relative, as a manager
+        assert sorted(p.name for p in best_dir.glob("ckpt-*")) == [
+            f"ckpt-{best}.data-00000-of-00001", f"ckpt-{best}.index"]  # the old best removed
+    # The best copy is the best epoch's end-of-epoch checkpoint, byte for byte.
+    last = Path(tf.train.latest_checkpoint(str(last_dir)))
+    for suffix in (".index", ".data-00000-of-00001"):
+        assert (best_dir / f"ckpt-3{suffix}").read_bytes() == Path(f"{last}{suffix}").read_bytes()
+    assert state.restore_best() == 3
+
+
+def test_a_kill_inside_the_best_copy_keeps_the_previous_best_and_last(tmp_path, monkeypatch):
+    state = small_state(tmp_path)
+    state.restore_or_start()
+    state.optimizer.iterations.assign_add(1)
+    state.end_epoch(0, 0.5)
+    state.optimizer.iterations.assign_add(1)
+    last_before = tf.train.latest_checkpoint(str(tmp_path / "checkpoints" / "last"))
+    copies = []
+    original_copy = shutil.copyfile
+
+    def copy_then_die(source, target):
+        if copies:
+            raise KeyboardInterrupt("killed during the copy")
+        copies.append(target)
+        return original_copy(source, target)
+
+    monkeypatch.setattr(shutil, "copyfile", copy_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        state.end_epoch(1, 0.9)
+    monkeypatch.setattr(shutil, "copyfile", original_copy)
+    assert len(copies) == 1  # one file of the two copied
+    # Neither directory lists the half-done epoch: the resumed run redoes epoch 2.
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints" / "best")).endswith("ckpt-1")
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints" / "last")) == last_before
+    resumed = small_state(tmp_path)
+    resumed.restore_or_start()
+    assert int(resumed.epoch.numpy()) == 1 and float(resumed.best_score.numpy()) == 0.5
+    resumed.end_epoch(1, 0.9)
+    assert resumed.restore_best() == 2
