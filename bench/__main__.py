@@ -25,8 +25,10 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     device = ["--device", parser.parse_args().device]
     train_speed.main(device)
-    # Small inputs, where per-op overhead sets the pace (#20).
-    train_speed.main([*device, "--sizes", "64", "32", "--out", "train_small"])
+    # Small inputs, where per-op overhead sets the pace (#20). Ten steps per timing: one step of
+    # 40-160 ms, timed alone right after the other model's, varied by up to 2x.
+    train_speed.main([*device, "--sizes", "64", "32", "--steps", "10", "--repeats", "5",
+                      "--out", "train_small"])
     infer_speed.main(device)
     v2 = ["--models", "mobilevitv2_050", "mobilevitv2_100", "mobilevitv2_200"]
     train_speed.main([*device, *v2, "--sizes", "128", "--batch", "16", "--repeats", "2",

@@ -41,6 +41,16 @@ def set_threads(threads: int) -> None:
         pass
 
 
+def trainer_threads(model_name: str, size: int, batch: int) -> int:
+    """Our side's intra-op threads as the trainer sets them for this step
+    (`trainer.intra_op_threads=auto`: one per op for a small step on a CPU); call after
+    `set_threads` and before TensorFlow runs. Returns the count (0: all cores)."""
+    from trainer.models.presets import step_gmacs
+    from trainer.training.distribute import intra_op_threads, set_intra_op_threads
+
+    return set_intra_op_threads(intra_op_threads("auto", step_gmacs(model_name, size, batch)))
+
+
 def add_machine_args(parser) -> None:
     """--threads and --device, shared by every benchmark."""
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")

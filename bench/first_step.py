@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     threads = args.threads or common.os.cpu_count()
     common.set_threads(threads)
     if args.one:
-        print("ROW " + json.dumps(measure(args.one[0], args.size, args.batch, args.one[1])))
+        intra = common.trainer_threads(args.one[0], args.size, args.batch)  # as the trainer
+        row = measure(args.one[0], args.size, args.batch, args.one[1])
+        print("ROW " + json.dumps({**row, "intra_op_threads": intra or threads}))
         return []
     rows = []
     for name in args.models:

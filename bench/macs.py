@@ -18,12 +18,7 @@ import math
 import time
 
 from bench import common
-
-PUBLISHED_G = {"mobilevit_xxs": 0.41, "mobilevit_xs": 1.03, "mobilevit_s": 2.00,
-               # timm's model table (ml-cvnets' v2 paper: 0.5 G for 0.5, 1.8 G for 1.0)
-               "mobilevitv2_050": 0.48, "mobilevitv2_075": 1.05, "mobilevitv2_100": 1.84,
-               "mobilevitv2_125": 2.86, "mobilevitv2_150": 4.09, "mobilevitv2_175": 5.54,
-               "mobilevitv2_200": 7.22}
+from trainer.models.presets import PRESETS
 
 
 def layer_macs(layer) -> int:
@@ -97,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         same = [r for r in train_rows if r["model"] == name and r["size"] == args.size]
         rates, refs = [r["ours_img_s"] for r in same], [r["ref_img_s"] for r in same]
         row = {"task": "macs", "model": name, "size": args.size, "macs_g": round(macs / 1e9, 3),
-               "published_g": PUBLISHED_G[name] if args.size == 256 else None,
+               "published_g": PRESETS[name].macs_g if args.size == 256 else None,
                "matmul_gflop_s": round(peak / 1e9, 1)}
         if rates:
             achieved = max(rates) * 6 * macs

@@ -23,7 +23,7 @@ def load(name: str) -> list[dict]:
 def section() -> str:
     parts = []
     # train: 256 and 128; train_small: 64 and 32 (python -m bench.train_speed --sizes 64 32
-    # --out train_small), where per-op overhead, not arithmetic, sets the pace.
+    # --steps 10 --repeats 5 --out train_small), where per-op overhead sets the pace.
     train, infer, pipeline = load("train") + load("train_small"), load("infer"), load("pipeline")
     memory, macs, profile = load("memory"), load("macs"), load("profile_infer")
     first = next((rows[0]["machine"] for rows in (train, infer, pipeline, memory, macs) if rows),

@@ -1,12 +1,13 @@
 """Training throughput: one optimizer step (forward, backward, AdamW update) in images/s.
 
 Ours: the trainer's own model, optimizer and train step (`trainer.training.loop.Loop`,
-the `strategy.run` step inside a `tf.function`), with and without XLA. Reference: timm's
-`mobilevit_*` in PyTorch eager mode with AdamW. Same batch of random images for both, 1000
-classes, same thread count, interleaved.
+the `strategy.run` step inside a `tf.function`), with and without XLA, on the trainer's threads
+(`trainer.intra_op_threads=auto`: one per op for a small CPU step, the rest in parallel ops).
+Reference: timm's `mobilevit_*` in PyTorch eager mode with AdamW. Same batch of random images for
+both, 1000 classes, same cores (TensorFlow's op pools and PyTorch's threads), interleaved.
 
     python -m bench.train_speed                       # all sizes, 256 and 128, batch 32
-    python -m bench.train_speed --sizes 64 32 --out train_small  # small inputs
+    python -m bench.train_speed --sizes 64 32 --steps 10 --repeats 5 --out train_small
     python -m bench.train_speed --models mobilevit_xxs --sizes 256 --repeats 5
     python -m bench.train_speed --models mobilevitv2_050 mobilevitv2_100 --sizes 128 --out train_v2
     python -m bench.train_speed --device gpu          # mixed precision + XLA vs timm AMP on CUDA
@@ -107,7 +108,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     threads = args.threads or common.os.cpu_count()
     common.set_threads(threads)
     if args.one:  # a child process: one model and size, rows as JSON on stdout
-        print("ROWS " + json.dumps(measure(args.one[0], int(args.one[1]), args)))
+        name, size = args.one[0], int(args.one[1])
+        # TensorFlow's ops split as the trainer splits them: one thread each for a small step,
+        # the inter-op pool running ops side by side on the same cores as timm's threads.
+        intra = common.trainer_threads(name, size, args.batch) if args.device == "cpu" else 0
+        rows = [{**row, "ours_intra_op_threads": intra or threads}
+                for row in measure(name, size, args)]
+        print("ROWS " + json.dumps(rows))
         return []
     rows = []
     for size in args.sizes:

@@ -65,6 +65,9 @@ def test_group_options_are_the_documented_ones():
     (["trainer.batch_size=0"], "trainer.batch_size=0 is out of range; it must be >= 1"),
     (["trainer.epochs=-3"], "trainer.epochs=-3 is out of range"),
     (["trainer.strategy=gpu"], "trainer.strategy='gpu' is not allowed; choose one of auto"),
+    (["trainer.intra_op_threads=two"], "trainer.intra_op_threads='two': allowed: auto, or a "
+                                       "thread count from 0"),
+    (["trainer.intra_op_threads=-1"], "trainer.intra_op_threads='-1': allowed: auto"),
     (["trainer.cpu_replicas=2", "trainer.batch_size=33"],
      "trainer.batch_size=33 is not divisible by trainer.cpu_replicas=2"),
     (["data=folder"], "data.path is missing"),

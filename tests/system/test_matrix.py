@@ -41,6 +41,8 @@ OPTIONS: dict[str, list[str]] = {
     "layer_decay": ["optim.layer_decay=1.0", "optim.layer_decay=0.75"],
     "drop_path": ["model.drop_path_rate=0.0", "model.drop_path_rate=0.1"],
     "determinism": ["trainer.deterministic=false", "trainer.deterministic=true"],
+    # auto: one thread per op for these small CPU steps (trainer/training/distribute.py)
+    "threads": ["trainer.intra_op_threads=auto", "trainer.intra_op_threads=2"],
     "litert": ["export.litert=[]", "export.litert=[float16]", "export.litert=[int8]"],
     "data": ["data=digits", "data=folder data.path={folder}", "data=flowers data.mock_examples=24"],
 }
@@ -183,6 +185,7 @@ def test_case_trains_and_exports(row, folder, tmp_path):
     run = json.loads((run_dir / "run.json").read_text())
     assert run["replicas"] == (2 if "trainer.cpu_replicas=2" in row else 1)
     assert run["precision"] == dict(zip(OPTIONS, row))["precision"].split("=")[1]
+    assert run["intra_op_threads"] == (1 if "trainer.intra_op_threads=auto" in row else 2)
 
 
 @pytest.mark.parametrize("pair", list(REFUSED), ids=["+".join(p) for p in REFUSED])

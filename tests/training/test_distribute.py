@@ -217,3 +217,30 @@ def test_devices_are_logged_and_an_unseen_nvidia_gpu_is_warned_about(tmp_path, m
     assert len(warnings) == 1
     assert "this machine has an NVIDIA GPU but TensorFlow sees none" in warnings[0]
     assert "pip install -e '.[gpu]'" in warnings[0]
+
+
+def test_a_small_cpu_step_runs_one_thread_per_op(monkeypatch, caplog):
+    """trainer.intra_op_threads=auto: one thread per op below SMALL_STEP_GMACS of forward work
+    per step on a CPU (measured faster there: distribute.py), TensorFlow's default above it and
+    on any machine with a GPU; a number as given. Subprocess runs record it in run.json
+    (tests/system/test_matrix.py); here, the choice and what happens once TensorFlow runs."""
+    from trainer.models.presets import step_gmacs
+    from trainer.training import distribute
+
+    assert step_gmacs("mobilevit_xxs", 256, 1) == pytest.approx(0.41)
+    assert step_gmacs("mobilevit_xxs", 32, 32) == pytest.approx(0.205)  # the quickstart's step
+    assert distribute.intra_op_threads("auto", step_gmacs("mobilevit_xxs", 32, 32)) == 1
+    assert distribute.intra_op_threads("auto", step_gmacs("mobilevit_s", 32, 32)) == 1  # 1.0 G
+    assert distribute.intra_op_threads("auto", step_gmacs("mobilevit_xs", 64, 32)) == 0  # 2.1 G
+    assert distribute.intra_op_threads("auto", step_gmacs("mobilevit_xxs", 256, 32)) == 0
+    assert distribute.intra_op_threads("3", 0.2) == 3 and distribute.intra_op_threads(0, 0.2) == 0
+    tf.constant(1.0).numpy()  # TensorFlow is running in this process: the count cannot change
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    with caplog.at_level("INFO", logger="trainer.training.distribute"):
+        assert distribute.set_intra_op_threads(current + 1) == current
+    assert f"intra-op threads stay at {current}" in caplog.text
+    # A GPU machine (the device this one lacks): the CPU threads feed the GPU; default.
+    physical = tf.config.list_physical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: (
+        ["GPU:0"] if kind == "GPU" else physical(kind)))
+    assert distribute.intra_op_threads("auto", 0.2) == 0

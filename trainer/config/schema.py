@@ -168,6 +168,9 @@ class TrainerConfig:
     cpu_replicas: int = 0  # > 1 splits the CPU into logical devices (multi-replica on CPU)
     precision: Precision = Precision.float32
     jit_compile: str = "auto"  # auto (XLA on GPU/TPU) | true | false
+    # Threads one op may use on the CPU: auto (1 for a small step on a machine without GPU,
+    # else TensorFlow's default, all cores) | N (0: TensorFlow's default). training/distribute.py
+    intra_op_threads: str = "auto"
     log_every_steps: int = 0  # > 0: log the loss of every N-th step
     checkpoint_every_steps: int = 0  # > 0: also checkpoint every N steps inside an epoch
     keep_checkpoints: int = 2  # the newest N under checkpoints/last (best: always 1)

@@ -171,6 +171,10 @@ def _trainer(t) -> None:
     if t.eval_steps is not None:
         _range("trainer.eval_steps", t.eval_steps, 1)
     _choice("trainer.jit_compile", str(t.jit_compile).lower(), ("auto", "true", "false"))
+    threads = str(t.intra_op_threads).lower()
+    if threads != "auto" and not (threads.isdigit() and int(threads) <= 1024):
+        raise ConfigError(f"trainer.intra_op_threads={t.intra_op_threads!r}: allowed: auto, or a "
+                          f"thread count from 0 (TensorFlow's default: all cores) to 1024")
     _range("trainer.log_every_steps", t.log_every_steps, 0)
     _range("trainer.checkpoint_every_steps", t.checkpoint_every_steps, 0)
     _range("trainer.keep_checkpoints", t.keep_checkpoints, 1)

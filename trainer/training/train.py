@@ -24,6 +24,7 @@ from trainer.config.validate import validate
 from trainer.data.pipeline import Unreadable, eval_pipeline, train_pipeline
 from trainer.data.sources import load_dataset
 from trainer.models.mobilevit import build_model
+from trainer.models.presets import step_gmacs
 from trainer.models.weights import load_weights
 from trainer.run import dirs
 from trainer.run.loggers import EpochLoggers
@@ -52,7 +53,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     # ------------------------------------------------------------------ strategy and seed
     t = cfg.trainer
     update_batch = t.batch_size * t.accumulate_steps  # what one optimizer update averages over
-    strategy, jit_compile = distribute.setup(t, cfg.seed)
+    largest = max([cfg.data.image_size, *cfg.aug.multiscale_sizes])
+    strategy, jit_compile = distribute.setup(
+        t, cfg.seed, step_gmacs(cfg.model.name, largest, t.batch_size))
     chief = distribute.is_chief(strategy)
     # Non-chief workers must still write their checkpoint copies: to a scratch directory.
     work_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="mobilevit-worker-"))
