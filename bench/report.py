@@ -216,23 +216,28 @@ SPEED_A_USER_FEELS = """\
   longer converts OmegaConf inside the tf.data map functions (1.5 s of the first epoch's
   pipeline); the finished epoch's tf.data iterator is deleted on another thread: its destructor
   waits for tf.data's autotuning thread, 2.0-4.6 s in 3 of 8 epochs (py-spy:
-  `RootDataset::Iterator::~Iterator`). The quickstart: 58 s -> 47.6 s (median of 3, table above).
+  `RootDataset::Iterator::~Iterator`). The quickstart: 58 s -> 47.6 s (median of 3).
+- *One thread per op for a small CPU step* (2026-11-30, third round; `trainer.intra_op_threads`,
+  `trainer/training/distribute.py`): at most 1.5 GMACs of forward work per step (XXS up to about
+  64x64 at batch 32; S at 32x32), each op runs on one thread and TensorFlow's inter-op pool runs
+  independent ops side by side. Splitting microsecond ops over the intra-op pool cost more in
+  hand-offs than it gained: XXS at 32x32 58 -> 37 ms per step (steady step column above, was 57),
+  XS 82 -> 69, S 153 -> 139; above the bar it loses (XS 64x64 183 -> 189 ms, XXS 256x256
+  1218 -> 1483), so larger steps, XLA and GPU machines keep TensorFlow's default. The bench's
+  rows run on the trainer's threads (at 32 and 64 the XLA rows too, which the trainer would not
+  do: XXS 32x32 XLA 213 -> 184 images/s); timm keeps PyTorch's 2 threads (same cores). An epoch's end is
+  one checkpoint save, the best epoch's a copy of it (was two saves, 0.2 s each). The quickstart:
+  47.6 s -> 36.6 s (median of 3, table above), val_accuracy 0.989.
 
 Still missed, and why (each measured with the command of its table; the 256 and 128 training
 rows are from 2026-11-24, before the fused kernels):
-- *Quickstart <= 45 s* (47.6 s median, 46.2 s best): about 4 s start-up (3.1 s of it importing
-  TensorFlow), 1.5 s data and model, 3.6 s the first step, 1.4 s the first validation (its
-  trace), 20 s the 352 steps (57 ms each at 32x32: a MobileViT step's op count, not its
-  arithmetic), 0.45 s per epoch for the two checkpoints (each a Python walk over ~1,000
-  variables), 6 s the export (BatchNorm folding, the frozen inference pass, two SavedModels,
-  model.keras, the reload check), 2 s results and exit. Measured, not adopted: batch 64 in the
-  recipe (`python -m bench.quickstart --runs 1 trainer.batch_size=64`: 43.4 s, val 0.978), which
-  changes the quickstart's workload rather than the trainer's speed, and whose margin under 45 s
-  is inside the run-to-run spread above.
-- *Training >= timm at small inputs*: at 64x64 0.89-1.03x, at 32x32 0.57-0.80x. A step there is
-  per-op overhead: ~4,000 ops run per step, each a few microseconds of executor time that timm's
-  eager kernels do not pay; XLA on CPU is slower at every size (rows above). LayerNorm still runs
-  as separate ops (21 in the v1 transformer): the next candidate for a fused kernel.
+- *Training >= timm at small inputs*: at 64x64 0.96-1.10x, at 32x32 0.80-1.23x (10 steps per
+  timing, 5 repeats). XXS and XS lead or tie; S at 32x32 (0.80x) and 64x64 (0.96x) trail: S's
+  wider layers make each op long enough that one thread per op no longer wins outright (S 32:
+  139 ms on one thread per op, 153 on two, timm 127), and the step still runs ~4,000 ops, each a
+  few microseconds of executor time that timm's eager kernels do not pay. XLA on CPU is slower at
+  every size (rows above). LayerNorm still runs as separate ops (21 in the v1 transformer): the
+  next candidate for a fused kernel.
 - *SavedModel at batch 1 >= 1.3x* (0.92-1.06x): folding removed BatchNorm's arithmetic, which
   grappler had already folded from the frozen constants; ~1,000 ops per image remain (attention,
   LayerNorm, patch (un)folding), and their per-op cost is the gap.

@@ -233,6 +233,7 @@ def test_a_small_cpu_step_runs_one_thread_per_op(monkeypatch, caplog):
     assert distribute.intra_op_threads("auto", step_gmacs("mobilevit_s", 32, 32)) == 1  # 1.0 G
     assert distribute.intra_op_threads("auto", step_gmacs("mobilevit_xs", 64, 32)) == 0  # 2.1 G
     assert distribute.intra_op_threads("auto", step_gmacs("mobilevit_xxs", 256, 32)) == 0
+    assert distribute.intra_op_threads("auto", 0.2, jit_compile="true") == 0  # XLA: default
     assert distribute.intra_op_threads("3", 0.2) == 3 and distribute.intra_op_threads(0, 0.2) == 0
     tf.constant(1.0).numpy()  # TensorFlow is running in this process: the count cannot change
     current = tf.config.threading.get_intra_op_parallelism_threads()
