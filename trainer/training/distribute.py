@@ -1,4 +1,4 @@
-"""Strategy selection, logical CPU devices, and who may write (the chief).
+"""Strategy selection, CPU threads, logical CPU devices, and who may write (the chief).
 
 `trainer.strategy=auto` picks MultiWorkerMirroredStrategy when TF_CONFIG (or SLURM) describes a
 cluster, MirroredStrategy over several GPUs, and the default strategy otherwise.
@@ -38,7 +38,7 @@ def split_cpu(replicas: int) -> None:
 SMALL_STEP_GMACS = 1.5
 
 
-def intra_op_threads(setting, step_gmacs: float, jit_compile="auto") -> int:
+def intra_op_threads(setting: str | int, step_gmacs: float, jit_compile: str = "auto") -> int:
     """trainer.intra_op_threads as a count: `auto` is 1 for a small step (`step_gmacs`, the
     forward pass of one step) on a machine without GPU or TPU, else 0 (TensorFlow's default:
     all cores); a number is taken as given. XLA keeps the default: its compiled step is one
