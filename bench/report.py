@@ -183,7 +183,10 @@ one inter-op thread, 22.1 vs 23.7 ms for XXS (within the spread, not adopted); o
 (`TF_ENABLE_ONEDNN_OPTS=0`), 29.0 vs 23.7 ms; weights frozen in as constants so grappler folds
 the normalisation arithmetic, 15-20% faster: adopted. BatchNorm folded into the convolutions
 (2026-11-30, `savedmodel` above): no faster than the frozen constants, which grappler had
-already folded; LayerNorm and attention remain.
+already folded; LayerNorm and attention remain. One intra-op thread in the serving process (what
+the trainer now does for small training steps): XXS at batch 1 19.8 -> 17.1 ms, timm 17.5-19.4 ms
+on 2 threads (2026-11-30, a /tmp script, 4 x 20 calls): about 1.13x, short of 1.3x, and a setting
+of whoever serves the file, not of the file; the rows above keep TensorFlow's default.
 Full-int8 LiteRT is slower than float32 because XNNPACK runs only pieces of the quantized graph:
 the XXS file has 61 delegate partitions and 22 QUANTIZE/DEQUANTIZE pairs, where LayerNorm (MEAN,
 SQUARED_DIFFERENCE, RSQRT) and SiLU's LOGISTIC stay on LiteRT's built-in int8 kernels.
