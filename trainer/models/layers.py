@@ -9,6 +9,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from trainer.models.attention import TokenAttention
 from trainer.models.batchnorm import FusedBatchNormalization
 from trainer.models.presets import make_divisible
 
@@ -174,8 +175,8 @@ def transformer_layer(x, dim: int, ffn_dim: int, num_heads: int, name: str, *, d
                       attention_dropout: float, drop_path: float):
     """Pre-norm transformer layer: x + MHA(LN(x)); x + MLP(LN(x)), MLP with SiLU."""
     h = layers.LayerNormalization(epsilon=LN_EPSILON, name=f"{name}_norm1")(x)
-    h = layers.MultiHeadAttention(num_heads, dim // num_heads, dropout=attention_dropout,
-                                  name=f"{name}_attn")(h, h)
+    h = TokenAttention(num_heads, dim // num_heads, dropout=attention_dropout,
+                       name=f"{name}_attn")(h, h)
     h = layers.Dropout(dropout, name=f"{name}_attn_drop")(h) if dropout else h
     h = DropPath(drop_path, name=f"{name}_droppath1")(h) if drop_path else h
     x = layers.Add(name=f"{name}_add1")([x, h])
