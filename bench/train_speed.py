@@ -77,20 +77,32 @@ def timm_step(model_name: str, batch: int, size: int, device: str):
     return step
 
 
-def measure(name: str, size: int, args) -> list[dict]:
-    """Rows for one model at one size: both of our step variants against timm, interleaved."""
-    runs = {"graph": ours_step(name, args.batch, size, False, args.device),
-            "xla": ours_step(name, args.batch, size, True, args.device),
+def measure(name: str, size: int, variant: str, args) -> dict:
+    """One row: one of our step variants ("graph" or "xla") against timm, interleaved."""
+    runs = {variant: ours_step(name, args.batch, size, variant == "xla", args.device),
             "timm": timm_step(name, args.batch, size, args.device)}
     for fn in runs.values():  # tracing, XLA compilation, allocator warm-up
         fn(), fn()
     r = common.interleaved(runs, args.batch, args.repeats, args.steps)
     precision = " mixed_float16" if args.device == "gpu" else " float32"
-    return [common.speed_row(
+    return common.speed_row(
         "train", name, args.batch, size, r[variant], r["timm"],
         ours=f"tf.function{'+XLA' if variant == 'xla' else ''}{precision}",
         ref="timm eager" + (" AMP" if args.device == "gpu" else " float32"))
-        for variant in ("graph", "xla")]
+
+
+def child_rows(name: str, size: int, variant: str, threads: int, args) -> list[dict]:
+    """One process per model, size and variant: at 256x256, S training side by side with S on
+    XLA and timm's S (one process each before) ran out of 23 GB."""
+    flags = ["--batch", str(args.batch), "--repeats", str(args.repeats), "--steps",
+             str(args.steps), "--threads", str(threads), "--device", args.device]
+    out = subprocess.run([sys.executable, "-m", "bench.train_speed", "--one", name, str(size),
+                          variant, *flags], cwd=common.ROOT, capture_output=True, text=True)
+    found = [line for line in out.stdout.splitlines() if line.startswith("ROWS ")]
+    if out.returncode != 0 or not found:
+        raise SystemExit(f"{name} at {size} ({variant}): exit {out.returncode}\n"
+                         f"{out.stderr[-3000:]}")
+    return json.loads(found[-1][5:])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -103,35 +115,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--out", default="train", help="bench/results/OUT.json")
-    parser.add_argument("--one", nargs=2, metavar=("MODEL", "SIZE"), help=argparse.SUPPRESS)
+    parser.add_argument("--variants", nargs="+", choices=["graph", "xla"], default=["graph", "xla"])
+    parser.add_argument("--one", nargs=3, metavar=("MODEL", "SIZE", "VARIANT"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     threads = args.threads or common.os.cpu_count()
     common.set_threads(threads)
-    if args.one:  # a child process: one model and size, rows as JSON on stdout
-        name, size = args.one[0], int(args.one[1])
+    if args.one:  # a child process: one model, size and variant, its row as JSON on stdout
+        name, size, variant = args.one[0], int(args.one[1]), args.one[2]
         # TensorFlow's ops split as the trainer splits them: one thread each for a small step,
         # the inter-op pool running ops side by side on the same cores as timm's threads.
         intra = common.trainer_threads(name, size, args.batch) if args.device == "cpu" else 0
-        rows = [{**row, "ours_intra_op_threads": intra or threads}
-                for row in measure(name, size, args)]
-        print("ROWS " + json.dumps(rows))
+        row = {**measure(name, size, variant, args), "ours_intra_op_threads": intra or threads}
+        print("ROWS " + json.dumps([row]))
         return []
     rows = []
     for size in args.sizes:
         for name in args.models:
-            # One process per model and size: three models training side by side at 256x256
-            # (ours, ours with XLA, timm) need ~10 GB; several in one process ran out of memory.
-            flags = ["--batch", str(args.batch), "--repeats", str(args.repeats), "--steps",
-                     str(args.steps), "--threads", str(threads), "--device", args.device]
-            out = subprocess.run([sys.executable, "-m", "bench.train_speed", "--one", name,
-                                  str(size), *flags], cwd=common.ROOT, capture_output=True,
-                                 text=True)
-            found = [line for line in out.stdout.splitlines() if line.startswith("ROWS ")]
-            if out.returncode != 0 or not found:
-                raise SystemExit(f"{name} at {size}: exit {out.returncode}\n{out.stderr[-3000:]}")
-            rows += json.loads(found[-1][5:])
-            for row in rows[-2:]:
-                print(row["model"], size, row["ours"], row["ours_img_s"], "vs", row["ref_img_s"],
+            for variant in args.variants:
+                rows += child_rows(name, size, variant, threads, args)
+                row = rows[-1]
+                print(name, size, row["ours"], row["ours_img_s"], "vs", row["ref_img_s"],
                       flush=True)
     path = common.write(args.out, rows, common.machine(args.device, threads))
     print(common.table(rows, [("model", "model"), ("size", "size"), ("batch", "batch"),
