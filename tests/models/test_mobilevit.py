@@ -134,7 +134,7 @@ def test_keras_file_roundtrip(tmp_path):
 
 
 def test_silu_equals_keras_silu_in_value_and_gradient():
-    """Our SiLU (x * sigmoid(x), its gradient recomputing the sigmoid) against Keras' "silu":
+    """Our SiLU (x * sigmoid(x), written out for its cheaper gradient) against Keras' "silu":
     values and gradients to float32 rounding (a few ulps: another kernel order), eagerly and traced;
     every activation of the backbone is ours."""
     import tensorflow as tf
