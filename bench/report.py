@@ -231,29 +231,53 @@ SPEED_A_USER_FEELS = """\
   do: XXS 32x32 XLA 213 -> 184 images/s); timm keeps PyTorch's 2 threads (same cores). An epoch's end is
   one checkpoint save, the best epoch's a copy of it (was two saves, 0.2 s each). The quickstart:
   47.6 s -> 36.6 s (median of 3, table above), val_accuracy 0.989.
+- *Attention projections as 2-D matmuls* (2026-12-01, fourth round;
+  `trainer/models/attention.py`): an op profile of the S step at 32x32 (tf.profiler's framework op
+  stats) showed 36 `Sum` ops taking 60 ms of a ~150 ms step, each the gradient of one attention
+  projection's kernel: Keras' TensorFlow backend computes the projection's einsum (tokens [B, T,
+  C] times the kernel [C, heads, head_dim]) as a batched matmul against the kernel broadcast over
+  B, so its gradient is B separate products summed over B. `TokenAttention` (Keras'
+  `MultiHeadAttention`: same weights, names, config and attention; masks and scores take Keras'
+  own path) flattens the tokens first, one matmul each way as PyTorch's `nn.Linear`: S at 32x32
+  150 -> 92 ms per step, and training leads timm at every size and for every v1 model (tables
+  above; the 256 and 128 rows re-run today, one process per variant: S at 256 beside S on XLA and
+  timm's S ran out of 23 GB). Tried alongside, not adopted: LayerNorm with its gradient written
+  out (half the ops): no measurable change in steady steps (S 32x32 91-95 vs 92-100 ms, XS 62-69
+  vs 63-68) or peak memory (below); LayerNorm written as TensorFlow's fused-layer-norm pattern in
+  the SavedModel (which grappler's remapper turns into oneDNN's `_MklLayerNorm`): fused in
+  isolation (1.2 -> 0.5 ms per call), but not in the exported graph, where its 21
+  `FusedBatchNormV3` ran unfused (XXS batch 1 19.6 -> 21-25 ms).
 
-Still missed, and why (each measured with the command of its table; the 256 and 128 training
-rows are from 2026-11-24, before the fused kernels):
-- *Training >= timm at small inputs*: at 64x64 0.96-1.10x, at 32x32 0.80-1.23x (10 steps per
-  timing, 5 repeats). XXS and XS lead or tie; S at 32x32 (0.80x) and 64x64 (0.96x) trail: S's
-  wider layers make each op long enough that one thread per op no longer wins outright (S 32:
-  139 ms on one thread per op, 153 on two, timm 127), and the step still runs ~4,000 ops, each a
-  few microseconds of executor time that timm's eager kernels do not pay. XLA on CPU is slower at
-  every size (rows above). LayerNorm still runs as separate ops (21 in the v1 transformer): the
-  next candidate for a fused kernel.
-- *SavedModel at batch 1 >= 1.3x* (0.92-1.06x): folding removed BatchNorm's arithmetic, which
-  grappler had already folded from the frozen constants; ~1,000 ops per image remain (attention,
-  LayerNorm, patch (un)folding), and their per-op cost is the gap.
-- *Full int8 LiteRT faster than float* (XXS 33 vs 7.7 ms): unchanged by folding. XNNPACK's int8
-  path has no LayerNorm (MEAN, SQUARED_DIFFERENCE, RSQRT) and no int8 LOGISTIC for SiLU here, so
-  the graph is cut into ~60 delegate partitions with QUANTIZE/DEQUANTIZE between them; keeping
-  those ops in float (a selective plan) makes the same cuts. Dynamic-range int8 is the int8 file
-  to use on a CPU; full int8 is for NPUs and microcontrollers, which run those ops in int8.
-- *Peak memory <= timm* (1.26-1.45x): our model and step alone on one fixed batch (no tf.data, no
-  trainer) peak as high as the whole run (memory table), so the excess is the step itself:
-  TensorFlow keeps the forward activations for the backward pass in its own allocator, and
-  TensorFlow imported alone holds 640 MiB. One inter-op thread instead of two: no change
-  (3763 vs 3792 MiB for XXS)."""
+Still missed, and why (each measured with the command of its table):
+- *SavedModel at batch 1 >= 1.3x* (0.94-1.09x): the 2-D projections replaced the attention's 36
+  broadcast batched matmuls per image with plain ones (ops per image 1,019 -> 941) without moving
+  batch 1 beyond the spread (XXS 19.6 -> 19.9 ms; `python -m bench.profile_infer` the same day:
+  19.6 -> 19.8). Folding removed BatchNorm's arithmetic, which grappler had already folded from
+  the frozen constants; ~940 ops per image remain (attention, LayerNorm, patch (un)folding), and
+  their per-op cost in TensorFlow's executor is the gap.
+- *Full int8 LiteRT faster than float* (XXS 27.6 vs 8.5 ms, XS 41.3 vs 15.3, S 60 vs 25.5; 0.70-
+  0.86x timm). XNNPACK's int8 path has no LayerNorm (MEAN, SQUARED_DIFFERENCE, RSQRT) and no int8
+  LOGISTIC for SiLU here: the XXS file runs as 62 delegate partitions with 22 QUANTIZE/DEQUANTIZE
+  pairs; its built-in int8 kernels alone take 55 ms. Tried (2026-12-01, a /tmp script): LayerNorm
+  written as (x - mean) x rsqrt(mean((x - mean)^2) + eps) for the conversion, without the NEG and
+  SQUARED_DIFFERENCE of Keras' form: the QUANTIZE/DEQUANTIZE pairs go (22 -> 1), the partitions
+  drop to 41 (each RSQRT still cuts), 32.3 -> 28.4 ms: still 3-4x our float32 file, not adopted.
+  Keeping those ops in float (a selective plan) makes the same cuts. Dynamic-range int8 is the
+  int8 file to use on a CPU; full int8 is for NPUs and microcontrollers, which run those ops in
+  int8.
+- *Peak memory <= timm* (1.54-1.64x today, 1.26-1.45x on 2026-11-30): our model and step alone on
+  one fixed batch (no tf.data, no trainer) peak as high as the whole run (memory table), so the
+  excess is the step itself: TensorFlow keeps the forward activations for the backward pass, and
+  TensorFlow imported alone holds 640 MiB. Peak RSS also moves with how the two executor threads
+  interleave ops: the same code peaked 3686 MiB (XXS run, 2026-11-30) and 4106 MiB (today), and
+  4158 and 5173 MiB in two runs of one build of the XXS step alone. Tried (2026-12-01): SiLU's
+  gradient recomputing the sigmoid from its input instead of keeping it (one activation-sized
+  tensor fewer per SiLU): the XXS run 4106 -> 3689 MiB and the step alone 4159 -> 3728 (`python -m
+  bench.memory`, same day; a paired A/B: 4160 -> 3750-3800), step time unchanged, but 9 more ops
+  per activation to trace: the first step 3.4 -> 4.2 s for XXS, which would take S (4.5 s) past
+  its 5 s target, and memory would stay ~1.5x timm: not adopted. No change: glibc's mmap threshold
+  fixed at 128 KiB (4048 vs 4087 MiB) and two malloc arenas (4030); LayerNorm's gradient written
+  out (4087 and 4096 MiB); earlier, one inter-op thread (3763 vs 3792)."""
 
 
 def _worst(rows: list[dict], keep) -> float | None:
