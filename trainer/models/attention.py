@@ -4,7 +4,7 @@ Why hand-written (#20): Keras' TensorFlow backend computes a projection's einsum
 ("abc,cde->abde": tokens [B, T, C] times the kernel [C, heads, head_dim]) as one batched matmul
 of the 3-D tokens against the kernel broadcast over B. The kernel's gradient is then B separate
 [C, heads x head_dim] products summed over B (a `Sum` over a [B, C, heads x head_dim] tensor):
-in a MobileViT-S step at 32x32, 36 such Sums took 60 ms of the step's ~140 and the batched
+in a MobileViT-S step at 32x32, 36 such Sums took 60 ms of the step's ~150 and the batched
 products most of another 85. Flattening the tokens to [B x T, C] first makes it one matmul each
 way, as PyTorch's `nn.Linear` does. Everything else is Keras': the layer's weights, their names
 and shapes, its config, masks and the attention itself (`_compute_attention`).
