@@ -93,7 +93,7 @@ def measure(name: str, size: int, variant: str, args) -> dict:
 
 def child_rows(name: str, size: int, variant: str, threads: int, args) -> list[dict]:
     """One process per model, size and variant: at 256x256, S training side by side with S on
-    XLA and timm's S (one process each before) ran out of 23 GB."""
+    XLA and timm's S (all three in one process before) ran out of 23 GB."""
     flags = ["--batch", str(args.batch), "--repeats", str(args.repeats), "--steps",
              str(args.steps), "--threads", str(threads), "--device", args.device]
     out = subprocess.run([sys.executable, "-m", "bench.train_speed", "--one", name, str(size),
