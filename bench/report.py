@@ -250,11 +250,12 @@ SPEED_A_USER_FEELS = """\
 
 Still missed, and why (each measured with the command of its table):
 - *SavedModel at batch 1 >= 1.3x* (0.94-1.09x): the 2-D projections replaced the attention's 36
-  broadcast batched matmuls per image with plain ones (ops per image 1,019 -> 941) without moving
+  broadcast batched matmuls per image with plain ones (ops per image 1,019 -> 983) without moving
   batch 1 beyond the spread (XXS 19.6 -> 19.9 ms; `python -m bench.profile_infer` the same day:
-  19.6 -> 19.8). Folding removed BatchNorm's arithmetic, which grappler had already folded from
-  the frozen constants; ~940 ops per image remain (attention, LayerNorm, patch (un)folding), and
-  their per-op cost in TensorFlow's executor is the gap.
+  19.6 -> 19.8; its table above, re-run later, 20.6 ms vs timm 21.6). Folding removed BatchNorm's
+  arithmetic, which grappler had already folded from the frozen constants; ~980 ops per image
+  remain (attention, LayerNorm, patch (un)folding), and their per-op cost in TensorFlow's executor
+  is the gap.
 - *Full int8 LiteRT faster than float* (XXS 27.6 vs 8.5 ms, XS 41.3 vs 15.3, S 60 vs 25.5; 0.70-
   0.86x timm). XNNPACK's int8 path has no LayerNorm (MEAN, SQUARED_DIFFERENCE, RSQRT) and no int8
   LOGISTIC for SiLU here: the XXS file runs as 62 delegate partitions with 22 QUANTIZE/DEQUANTIZE
