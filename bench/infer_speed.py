@@ -2,7 +2,7 @@
 
 Ours: the exported classifier SavedModel (`serve_float`: float images at the model size, the
 signature that matches timm's input; `serving_default` adds in-graph resize and crop from uint8)
-at batch 1 and 32, and the LiteRT float32, dynamic-range int8 and full int8 files at batch 1
+at batch 1 and 32, and the LiteRT float32, dynamic-range int8 and both full-int8 files at batch 1
 (their input is [1, S, S, 3]).
 Reference: timm `mobilevit_*` in eval mode under `torch.inference_mode()`.
 
@@ -85,8 +85,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     common.add_machine_args(parser)
     args = parser.parse_args(argv)
     threads, info = common.setup(args)
-    # LiteRT is a CPU runtime. dynamic_int8: int8 weights, float activations; int8: both int8.
-    variants = ("float32", "dynamic_int8", "int8") if args.device == "cpu" else ()
+    # LiteRT is a CPU runtime. dynamic_int8: int8 weights, float activations; int8: both int8 but
+    # for the norms and attention scores (trainer/serving/litert.py); int8_integer_only: all int8.
+    variants = (("float32", "dynamic_int8", "int8", "int8_integer_only") if args.device == "cpu"
+                else ())
     rng = np.random.default_rng(0)
     rows = []
     for name in args.models:

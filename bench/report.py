@@ -187,11 +187,12 @@ already folded; LayerNorm and attention remain. One intra-op thread in the servi
 the trainer now does for small training steps): XXS at batch 1 19.8 -> 17.1 ms, timm 17.5-19.4 ms
 on 2 threads (2026-11-30, a /tmp script, 4 x 20 calls): about 1.13x, short of 1.3x, and a setting
 of whoever serves the file, not of the file; the rows above keep TensorFlow's default.
-Full-int8 LiteRT is slower than float32 because XNNPACK runs only pieces of the quantized graph:
-the XXS file has 61 delegate partitions and 22 QUANTIZE/DEQUANTIZE pairs, where LayerNorm (MEAN,
-SQUARED_DIFFERENCE, RSQRT) and SiLU's LOGISTIC stay on LiteRT's built-in int8 kernels.
-Dynamic-range int8 (int8 weights, float activations) stays on XNNPACK: the int8 file to use on a
-CPU."""
+Full int8 comes in two files (`trainer/serving/litert.py`): `litert_int8` keeps LayerNorm and the
+attention's score matmul and softmax in float32 and runs as one XNNPACK graph, 1.8-2.3x faster
+than our float32 file; `litert_int8_integer_only` (every op int8, for NPUs and microcontrollers)
+runs on a CPU as 40-60 XNNPACK pieces with LiteRT's built-in int8 kernels between them (RSQRT,
+SOFTMAX, BATCH_MATMUL of two activations, SQUARED_DIFFERENCE: XNNPACK has no int8 kernel for
+them), slower than float32."""
 
 
 # Issue #20 (measured on the machine above, 2026-11-30): what was built, and where each target
@@ -247,25 +248,29 @@ SPEED_A_USER_FEELS = """\
   the SavedModel (which grappler's remapper turns into oneDNN's `_MklLayerNorm`): fused in
   isolation (1.2 -> 0.5 ms per call), but not in the exported graph, where its 21
   `FusedBatchNormV3` ran unfused (XXS batch 1 19.6 -> 21-25 ms).
+- *Full int8 as one XNNPACK graph* (2026-12-01, fifth round; `trainer/serving/litert.py`): the
+  integer-only file ran as 61 XNNPACK pieces (XXS) with LiteRT's built-in int8 kernels between
+  them, 3x slower than float32. Which ops fall off was found op by op (one-op int8 models in the
+  interpreter, and which nodes a delegate takes): RSQRT, SOFTMAX, BATCH_MATMUL of two activations,
+  SQUARED_DIFFERENCE and an ADD of a scalar; int8 MEAN runs on XNNPACK but cost 3 ms of XXS's 8.
+  `int8` now keeps in float32 every op of the LayerNorm / GroupNorm layers and the attention's
+  score matmul, its scaling and softmax (TensorFlow's `QuantizationDebugger`, a denylist of op
+  types and of the nodes in those layers); convolutions, dense layers, SiLU and residual adds stay
+  int8. XXS: 61 pieces -> 1, 27.6 -> 6.7 ms (float32 11.8 ms in the same run); XS 7.3 vs 14.8, S
+  11.2 vs 25.4 (table above). Top-1 agreement with the float model on the quickstart's 179
+  validation digits: 99.4%, the same as the integer-only file (one image of 179); the attention's
+  int8 score scaling had 3x any other op's rounding error (the debugger's layer statistics) and is
+  float too. The integer-only file is kept as `int8_integer_only`.
 
 Still missed, and why (each measured with the command of its table):
-- *SavedModel at batch 1 >= 1.3x* (0.94-1.09x): the 2-D projections replaced the attention's 36
+- *SavedModel at batch 1 >= 1.3x* (0.82-1.11x in today's second run, 0.94-1.09x in its first; XXS
+  the lowest in both): the 2-D projections replaced the attention's 36
   broadcast batched matmuls per image with plain ones (ops per image 1,019 -> 983) without moving
   batch 1 beyond the spread (XXS 19.6 -> 19.9 ms; `python -m bench.profile_infer` the same day:
   19.6 -> 19.8; its table above, re-run later, 20.6 ms vs timm 21.6). Folding removed BatchNorm's
   arithmetic, which grappler had already folded from the frozen constants; ~980 ops per image
   remain (attention, LayerNorm, patch (un)folding), and their per-op cost in TensorFlow's executor
   is the gap.
-- *Full int8 LiteRT faster than float* (XXS 27.6 vs 8.5 ms, XS 41.3 vs 15.3, S 60 vs 25.5; 0.70-
-  0.86x timm). XNNPACK's int8 path has no LayerNorm (MEAN, SQUARED_DIFFERENCE, RSQRT) and no int8
-  LOGISTIC for SiLU here: the XXS file runs as 62 delegate partitions with 22 QUANTIZE/DEQUANTIZE
-  pairs; its built-in int8 kernels alone take 55 ms. Tried (2026-12-01, a /tmp script): LayerNorm
-  written as (x - mean) x rsqrt(mean((x - mean)^2) + eps) for the conversion, without the NEG and
-  SQUARED_DIFFERENCE of Keras' form: the QUANTIZE/DEQUANTIZE pairs go (22 -> 1), the partitions
-  drop to 41 (each RSQRT still cuts), 32.3 -> 28.4 ms: still 3-4x our float32 file, not adopted.
-  Keeping those ops in float (a selective plan) makes the same cuts. Dynamic-range int8 is the
-  int8 file to use on a CPU; full int8 is for NPUs and microcontrollers, which run those ops in
-  int8.
 - *Peak memory <= timm* (1.54-1.64x today, 1.26-1.45x on 2026-11-30): our model and step alone on
   one fixed batch (no tf.data, no trainer) peak as high as the whole run (memory table), so the
   excess is the step itself: TensorFlow keeps the forward activations for the backward pass, and

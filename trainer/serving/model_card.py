@@ -93,7 +93,7 @@ print(runner(images=image)["probabilities"].argmax())
 
 | file | bytes | max abs prob. diff vs Keras | top-1 agreement | meets bar |
 |---|---|---|---|---|
-{lite or "| (none: set export.litert=[float32,float16,dynamic_int8,int8]) | | | | |"}
+{lite or "| (none: set export.litert=[float32,float16,dynamic_int8,int8,int8_integer_only]) | | | | |"}
 
 ## Keras
 
