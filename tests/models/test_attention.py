@@ -10,9 +10,9 @@ import tensorflow as tf
 from trainer.models.attention import TokenAttention
 
 
-def pair(dropout: float = 0.0):
+def pair(dropout: float = 0.0, tokens: int = 9):
     """Keras' layer and ours with the same weights (random, biases included)."""
-    x = np.random.default_rng(0).normal(0.5, 1.5, (6, 9, 24)).astype("float32")
+    x = np.random.default_rng(0).normal(0.5, 1.5, (6, tokens, 24)).astype("float32")
     theirs = keras.layers.MultiHeadAttention(4, 6, dropout=dropout, name="attn")
     ours = TokenAttention(4, 6, dropout=dropout, name="attn")
     theirs(x, x), ours(x, x)
@@ -24,11 +24,11 @@ def pair(dropout: float = 0.0):
     return theirs, ours, tf.constant(x)
 
 
-def forward_and_gradients(layer, x, run):
+def forward_and_gradients(layer, x, run, training=None):
     def step(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = layer(x, x)
+            y = layer(x, x, training=training)
             loss = tf.reduce_sum(tf.sin(y) * y)  # a gradient that depends on y
         return [y, *tape.gradient(loss, [x, *layer.trainable_weights])]
     return [t.numpy() for t in run(step)(x)]
@@ -43,6 +43,39 @@ def test_token_attention_equals_keras_in_value_and_gradients(mode):
                           forward_and_gradients(ours, x, run), strict=True):
         scale = np.abs(a).max()
         assert np.abs(a - b).max() <= 1e-5 * scale, f"{name}: {np.abs(a - b).max()} of {scale}"
+
+
+@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+def test_training_with_many_tokens_recomputes_probabilities_with_keras_values_and_gradients(mode):
+    """At >= RECOMPUTE_MIN_KEYS tokens in training, the backward pass computes the attention
+    probabilities again (bench.profile_memory: the largest tensors a step keeps): the same
+    values and gradients as Keras, and no forward softmax output read by the backward pass."""
+    from trainer.models.attention import RECOMPUTE_MIN_KEYS
+
+    theirs, ours, x = pair(tokens=RECOMPUTE_MIN_KEYS)
+    run = (lambda f: f) if mode == "eager" else tf.function
+    names = ["output", "input gradient"] + [w.path for w in ours.trainable_weights]
+    for name, a, b in zip(names, forward_and_gradients(theirs, x, run, training=True),
+                          forward_and_gradients(ours, x, run, training=True), strict=True):
+        scale = np.abs(a).max()
+        assert np.abs(a - b).max() <= 1e-5 * scale, f"{name}: {np.abs(a - b).max()} of {scale}"
+
+    def softmax_read_by_gradient(layer, x):
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(tf.square(layer(x, x, training=True)))
+            return tape.gradient(loss, x)
+        graph = step.get_concrete_function(x).graph
+        return [c.type for op in graph.get_operations() if op.type == "Softmax"
+                for c in op.outputs[0].consumers() if "gradient" in c.name.lower()
+                or c.type == "SoftmaxGrad"]
+
+    assert softmax_read_by_gradient(theirs, x)  # sanity: Keras keeps them for SoftmaxGrad
+    assert softmax_read_by_gradient(ours, x) == []
+    few = pair(tokens=RECOMPUTE_MIN_KEYS // 4)[2]  # fewer tokens: Keras' attention as it is
+    assert softmax_read_by_gradient(ours, few)
 
 
 def test_each_kernel_gradient_is_one_matmul_not_a_batched_product_summed_over_the_batch():

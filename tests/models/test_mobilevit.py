@@ -134,9 +134,9 @@ def test_keras_file_roundtrip(tmp_path):
 
 
 def test_silu_equals_keras_silu_in_value_and_gradient():
-    """Our SiLU (x * sigmoid(x), written out for its cheaper gradient) against Keras' "silu":
-    values and gradients to float32 rounding (a few ulps: another kernel order), eagerly and traced;
-    every activation of the backbone is ours."""
+    """Our SiLU (x * sigmoid(x), with a gradient from sigmoid(x) and the output) against Keras'
+    "silu": values and gradients to float32 rounding (a few ulps: another kernel order), eagerly
+    and traced; every activation of the backbone is ours."""
     import tensorflow as tf
 
     x = tf.constant(np.random.default_rng(0).normal(0, 4, (4, 1000)).astype(np.float32))
@@ -157,6 +157,43 @@ def test_silu_equals_keras_silu_in_value_and_gradient():
                    if getattr(layer, "activation", None) not in (None, keras.activations.linear)]
     # 25 conv-BN-SiLU blocks and the MLPs of the 9 transformer layers
     assert len(activations) == 25 + 9 and all(a is L.silu for a in activations)
+
+
+def test_silu_backward_reads_the_sigmoid_and_output_not_the_input():
+    """What the custom gradient is for: the backward pass needs no copy of SiLU's input, so a
+    training step keeps one activation-sized tensor fewer per SiLU (bench.profile_memory)."""
+    import tensorflow as tf
+
+    @tf.function
+    def value_and_grad(x, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = L.silu(x)
+        return y, tape.gradient(y, x, output_gradients=dy)
+
+    spec = tf.TensorSpec([8, 16], tf.float32)
+    graph = value_and_grad.get_concrete_function(spec, spec).graph
+    x, dy = graph.inputs[:2]
+
+    def upstream(tensors):  # ops the tensors depend on
+        seen, stack = set(), [t.op for t in tensors]
+        while stack:
+            op = stack.pop()
+            if op not in seen:
+                seen.add(op)
+                stack.extend(t.op for t in op.inputs)
+        return seen
+
+    y, grad = graph.outputs[:2]
+    backward = upstream([grad]) - upstream([y])  # ops that run only for the gradient
+    read = {t.op.type for op in backward for t in op.inputs if t.op not in backward}
+    assert x.op not in {t.op for op in backward for t in op.inputs}
+    assert read >= {"Sigmoid", "Mul"}, read  # sigmoid(x) and y = x * sigmoid(x)
+    values = tf.constant(np.linspace(-20, 20, 128, dtype=np.float32).reshape(8, 16))
+    out, g = value_and_grad(values, tf.ones_like(values))
+    s = 1 / (1 + np.exp(-values.numpy().astype(np.float64)))
+    np.testing.assert_allclose(g.numpy(), s * (1 + values.numpy() * (1 - s)), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_any_input_size_and_pyramid():

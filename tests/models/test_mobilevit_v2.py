@@ -202,16 +202,19 @@ def test_v2_trains_exports_and_converts_to_litert_without_select_tf_ops(tmp_path
 
     from trainer.training.train import train
 
-    cfg = tiny_cfg("model=mobilevitv2_050", "data=digits", "trainer.epochs=4",
+    # Trained to confident predictions (8 epochs) and checked on all 179 validation images: a
+    # half-trained model's near-ties flip under any rounding, and 1 image of 100 is 1%.
+    cfg = tiny_cfg("model=mobilevitv2_050", "data=digits", "trainer.epochs=8",
                    "trainer.steps_per_epoch=44", "trainer.batch_size=32", "trainer.eval_steps=null",
                    "aug=none", "optim.lr=2e-3", "model.head_dropout=0",
-                   "export.litert=[float32,int8]", "export.check_images=100")
+                   "export.litert=[float32,int8]", "export.check_images=300")
     metrics = train(cfg, tmp_path / "run")
-    assert metrics["val_accuracy"] >= 0.8
+    assert metrics["val_accuracy"] >= 0.9
     assert metrics["export_max_rel_diff"] < 1e-4
     checks = json.loads((tmp_path / "run" / "export" / "litert" / "checks.json").read_text())
+    assert checks["int8"]["images"] == metrics["val_examples"] == 179
     assert checks["float32"]["passed"] and checks["float32"]["max_abs_prob_diff"] < 1e-4
-    assert checks["int8"]["passed"] and checks["int8"]["top1_agreement"] >= 0.98
+    assert checks["int8"]["passed"] and checks["int8"]["top1_agreement"] >= 0.99
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(str(tmp_path / "run" / "export" / "litert" / "model_float32.tflite"))

@@ -7,13 +7,56 @@ of the 3-D tokens against the kernel broadcast over B. The kernel's gradient is 
 in a MobileViT-S step at 32x32, 36 such Sums took 60 ms of the step's ~150 and the batched
 products most of another 85. Flattening the tokens to [B x T, C] first makes it one matmul each
 way, as PyTorch's `nn.Linear` does. Everything else is Keras': the layer's weights, their names
-and shapes, its config, masks and the attention itself (`_compute_attention`).
+and shapes, its config, masks and the attention itself (`_compute_attention`); in training
+with many tokens, `_attention` computes Keras' attention with a leaner backward pass.
 """
 
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import layers, ops
+
+# Recompute in the backward pass only where the probabilities are large (per example: heads x
+# queries x keys): 256 keys are MobileViT's first transformer stage at 256x256 input, 2 x 128 MiB in
+# XXS's step at batch 32. Smaller ones cost their recomputation and save little.
+RECOMPUTE_MIN_KEYS = 256
+
+
+def _probabilities(query, key, scale: float):
+    """softmax(q k^T x scale) over the keys, as Keras' TensorFlow backend: float32 logits."""
+    logits = tf.cast(tf.einsum("BTNH,BSNH->BNTS", query, key), tf.float32) * scale
+    return tf.cast(tf.nn.softmax(logits, axis=-1), query.dtype)
+
+
+def _attention(query, key, value, scale: float):
+    """Keras' dot-product attention (q, k, v [B, T, N, H] -> [B, T, N, H]) whose backward pass
+    computes the probabilities again instead of keeping them. Why hand-written (#20): autodiff
+    keeps the [B, N, T, S] probabilities of every layer until the backward pass reaches it, the
+    largest tensors of a MobileViT step (XXS at 256x256, batch 32: 290 MiB of the 2,270 kept;
+    `python -m bench.profile_memory`); PyTorch's fused attention keeps none. The cost: the
+    scores' matmul and softmax once more per layer in the backward pass (XXS at 256x256: a
+    training step about 5% longer, 240 MiB lower peak RSS)."""
+
+    @tf.custom_gradient
+    def attend(q, k, v):
+        out = tf.einsum("BNTS,BSNH->BTNH", _probabilities(q, k, scale), v)
+
+        def grad(d_out):
+            # After d_out exists, so that grappler cannot merge it with the forward's copy.
+            with tf.control_dependencies([d_out]):
+                probs = _probabilities(q, k, scale)
+            d_v = tf.einsum("BNTS,BTNH->BSNH", probs, d_out)
+            d_probs = tf.cast(tf.einsum("BTNH,BSNH->BNTS", d_out, v), tf.float32)
+            p = tf.cast(probs, tf.float32)  # softmax's gradient, then the scale's
+            d_logits = p * (d_probs - tf.reduce_sum(d_probs * p, -1, keepdims=True)) * scale
+            d_logits = tf.cast(d_logits, q.dtype)
+            return (tf.einsum("BNTS,BSNH->BTNH", d_logits, k),
+                    tf.einsum("BNTS,BTNH->BSNH", d_logits, q), d_v)
+
+        return out, grad
+
+    return attend(query, key, value)
 
 
 def _project_in(dense, x):
@@ -52,7 +95,11 @@ class TokenAttention(layers.MultiHeadAttention):
                 query, value, key, query_mask=query_mask, value_mask=value_mask,
                 key_mask=key_mask, attention_mask=attention_mask, training=training,
                 return_attention_scores=return_attention_scores, use_causal_mask=use_causal_mask)
-        output, _ = self._compute_attention(
-            _project_in(self._query_dense, query), _project_in(self._key_dense, key),
-            _project_in(self._value_dense, value), None, training)
+        q, k, v = (_project_in(self._query_dense, query), _project_in(self._key_dense, key),
+                   _project_in(self._value_dense, value))
+        keys = k.shape[1]
+        if training and self._dropout == 0.0 and keys is not None and keys >= RECOMPUTE_MIN_KEYS:
+            output = _attention(q, k, v, float(self._inverse_sqrt_key_dim))
+        else:
+            output, _ = self._compute_attention(q, k, v, None, training)
         return _project_out(self._output_dense, output)
