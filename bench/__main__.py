@@ -14,6 +14,7 @@ from bench import (
     memory,
     pipeline_speed,
     profile_infer,
+    profile_memory,
     quickstart,
     report,
     train_speed,
@@ -38,6 +39,7 @@ def main() -> None:
     macs.main(device)
     if device[1] == "cpu":  # peak RSS is host memory; on a GPU the device memory matters
         memory.main([])
+        profile_memory.main([])
         first_step.main([])
         quickstart.main([])
         profile_infer.main(["--models", "mobilevit_xxs", "mobilevit_xs", "mobilevit_s"])

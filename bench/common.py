@@ -28,6 +28,26 @@ def import_timm():
     return import_timm()
 
 
+def trained_like(model, seed: int = 0):
+    """`model` (randomly initialised) with the normalisation statistics and biases a trained one
+    has: every gamma, moving variance in [0.5, 1.5], every beta, moving mean and bias N(0, 0.1).
+
+    Why: at initialisation every folded BatchNorm bias and every dense bias is exactly 0 and every
+    LayerNorm an identity, and grappler deletes such arithmetic from a frozen graph. The export
+    then timed is not what a trained model exports: without its BiasAdd, a convolution and its
+    SiLU do not fuse into one oneDNN op (found 2026-12-01)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for weight in model.weights:
+        name = weight.path.rsplit("/", 1)[-1]
+        if name in ("gamma", "moving_variance"):
+            weight.assign(rng.uniform(0.5, 1.5, weight.shape).astype("float32"))
+        elif name in ("beta", "moving_mean", "bias"):
+            weight.assign(rng.normal(0.0, 0.1, weight.shape).astype("float32"))
+    return model
+
+
 def set_threads(threads: int) -> None:
     """The same intra-op thread count for TensorFlow and PyTorch (call before either runs)."""
     import tensorflow as tf

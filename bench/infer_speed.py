@@ -33,8 +33,10 @@ def exported(model_name: str, size: int, out_dir: Path, litert_variants: tuple[s
     from trainer.serving import litert
     from trainer.serving import savedmodel as export
 
-    # Folded as the trainer's export folds it (BatchNorm into its convolution).
-    model = fold_batchnorm(build_classifier(MobileViTBackbone.from_preset(model_name), CLASSES))
+    # With a trained model's statistics and biases (common.trained_like says why), folded as the
+    # trainer's export folds it (BatchNorm into its convolution).
+    model = fold_batchnorm(common.trained_like(
+        build_classifier(MobileViTBackbone.from_preset(model_name), CLASSES)))
     path = export.export_classifier(model, out_dir / "classifier",
                                     [f"class_{i}" for i in range(CLASSES)], size, 0.9)
     loaded = tf.saved_model.load(str(path))

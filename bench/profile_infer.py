@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             from trainer.models.head import build_classifier
             from trainer.models.mobilevit import MobileViTBackbone
 
-            model = build_classifier(MobileViTBackbone.from_preset(name), CLASSES)
+            model = common.trained_like(
+                build_classifier(MobileViTBackbone.from_preset(name), CLASSES))
             x = tf.constant(image)
             graph_fn = tf.function(lambda t: model(t, training=False))
             xla_fn = tf.function(lambda t: model(t, training=False), jit_compile=True)

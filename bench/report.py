@@ -26,11 +26,12 @@ def section() -> str:
     # --steps 10 --repeats 5 --out train_small), where per-op overhead sets the pace.
     train, infer, pipeline = load("train") + load("train_small"), load("infer"), load("pipeline")
     memory, macs, profile = load("memory"), load("macs"), load("profile_infer")
+    kept = load("profile_memory")
     first = next((rows[0]["machine"] for rows in (train, infer, pipeline, memory, macs) if rows),
                  None)
     if first:
-        parts.append(f"Measured on {first['cpu']} ({first['cores']} cores, {first['threads']} "
-                     f"threads for both frameworks), TensorFlow {first['tensorflow']}, "
+        parts.append(f"Measured on {first['cores']}-core machines ({first['threads']} "
+                     f"threads for both frameworks): {machines()}; TensorFlow {first['tensorflow']}, "
                      f"PyTorch {first.get('torch', '?')}, timm {first.get('timm', '?')}. Medians "
                      "of interleaved repeats; spreads are in `bench/results/*.json`.")
     if train:
@@ -95,6 +96,8 @@ def section() -> str:
                      "a `python -m trainer` run of 3 steps vs timm's loop of 3 steps; then our "
                      "model and step alone on a fixed batch, and TensorFlow imported alone):\n\n"
                      + common.table(memory, columns))
+    if kept:
+        parts.append(kept_section(kept))
     if macs:
         parts.append("**Compute** (multiply-accumulates per image counted from our layers; "
                      "training FLOP/s = 6 x MACs x images/s, against a 2048x2048 float32 "
@@ -111,9 +114,42 @@ def section() -> str:
     parts.append(SPEED_A_USER_FEELS)
     parts.append("Re-run: `python -m bench` (all of it, about 90 minutes on 2 cores), or one of "
                  "`python -m bench.train_speed | infer_speed | pipeline_speed | memory | macs | "
-                 "profile_infer`, "
+                 "profile_infer | profile_memory`, "
                  "then `python -m bench.report`. On a GPU machine: `python -m bench --device gpu`.")
     return "\n\n".join(parts)
+
+
+def machines() -> str:
+    """The CPU the results ran on; where sessions ran on different machines, which ran what."""
+    by_cpu: dict[str, list[str]] = {}
+    for path in sorted(common.RESULTS.glob("*.json")):
+        for row in json.loads(path.read_text()):
+            where = path.stem if "size" not in row else f"{path.stem} at {row['size']}"
+            runs = by_cpu.setdefault(row["machine"]["cpu"], [])
+            if where not in runs:
+                runs.append(where)
+    if len(by_cpu) == 1:
+        return next(iter(by_cpu))
+    most = max(by_cpu, key=lambda cpu: len(by_cpu[cpu]))
+    rest = "; ".join(f"{cpu} for {', '.join(runs)}" for cpu, runs in by_cpu.items()
+                     if cpu != most)
+    return f"{most}; {rest}"
+
+
+def kept_section(rows: list[dict]) -> str:
+    """What each side keeps from the forward pass for the backward (bench/profile_memory.py)."""
+    def largest(top: dict) -> str:
+        return ", ".join(f"{kind} {mib}" for kind, mib in list(top.items())[:4])
+
+    table = [{**r, "ours_largest": largest(r["ours_top"]), "ref_largest": largest(r["ref_top"])}
+             for r in rows]
+    return ("**Where training memory goes**: the forward tensors kept for the backward pass, MiB, "
+            "by the op that made them (ours) or the backward node that saved them (timm), "
+            "weights apart (`python -m bench.profile_memory`, 256x256, batch 32):\n\n"
+            + common.table(table, [("model", "model"), ("ours_kept_mib", "ours kept"),
+                                   ("ref_kept_mib", "timm kept"), ("ratio", "ours / timm"),
+                                   ("ours_largest", "ours, largest"),
+                                   ("ref_largest", "timm, largest")]))
 
 
 def pipeline_section(rows: list[dict]) -> str:
@@ -187,6 +223,11 @@ already folded; LayerNorm and attention remain. One intra-op thread in the servi
 the trainer now does for small training steps): XXS at batch 1 19.8 -> 17.1 ms, timm 17.5-19.4 ms
 on 2 threads (2026-11-30, a /tmp script, 4 x 20 calls): about 1.13x, short of 1.3x, and a setting
 of whoever serves the file, not of the file; the rows above keep TensorFlow's default.
+The inference rows time models given a trained model's BatchNorm statistics, LayerNorm scales
+and biases (`bench.common.trained_like`; since 2026-12-01): at initialisation every folded bias
+is 0 and grappler deletes it from the frozen graph, and a convolution and its SiLU then run as
+two oneDNN ops instead of one `_MklNativeFusedConv2D`; the timings agree within the spread (XXS
+frozen graph 16.1 vs 16.3 ms).
 Full int8 comes in two files (`trainer/serving/litert.py`): `litert_int8` keeps LayerNorm and the
 attention's score matmul and softmax in float32 and runs as one XNNPACK graph, 1.8-2.3x faster
 than our float32 file; `litert_int8_integer_only` (every op int8, for NPUs and microcontrollers)
@@ -256,34 +297,56 @@ SPEED_A_USER_FEELS = """\
   `int8` now keeps in float32 every op of the LayerNorm / GroupNorm layers and the attention's
   score matmul, its scaling and softmax (TensorFlow's `QuantizationDebugger`, a denylist of op
   types and of the nodes in those layers); convolutions, dense layers, SiLU and residual adds stay
-  int8. XXS: 61 pieces -> 1, 27.6 -> 6.7 ms (float32 11.8 ms in the same run); XS 7.3 vs 14.8, S
-  11.2 vs 25.4 (table above). Top-1 agreement with the float model on the quickstart's 179
-  validation digits: 99.4%, the same as the integer-only file (one image of 179); the attention's
+  int8. XXS: 61 pieces -> 1, 27.6 -> 4.2 ms (float32 7.5 ms in the same run); XS 7.2 vs 15.4, S
+  11.1 vs 25.0 (table above). Top-1 agreement with the float model on the quickstart's 179
+  validation digits: 99.4%, the same as the integer-only file (one image of 179); after the sixth
+  round (below), 100% and 99.4% (`python -m trainer experiment=quickstart
+  "export.litert=[dynamic_int8,int8,int8_integer_only]" export.check_images=300`); the attention's
   int8 score scaling had 3x any other op's rounding error (the debugger's layer statistics) and is
   float too. The integer-only file is kept as `int8_integer_only`.
+- *Less kept for the backward pass* (2026-12-01, sixth round; `python -m bench.profile_memory`,
+  the kept table above): autodiff of SiLU, x * sigmoid(x), keeps x and sigmoid(x); its gradient
+  written from sigmoid(x) and the output, dy * (s + y(1 - s)), no longer needs x (the BatchNorm
+  output, kept only for it), with as many ops (`trainer/models/layers.py`). Attention
+  probabilities, [B x patches, heads, tokens, tokens], the largest tensors of a step, are
+  computed again in the backward pass instead of kept, as PyTorch's fused attention does, where
+  there are at least 256 tokens (`trainer/models/attention.py`; XXS's first transformer stage at
+  256x256). Kept by XXS at 256x256, batch 32: 2,629 -> 2,273 (SiLU) -> 2,014 MiB (attention),
+  timm 1,792. Peak RSS of the XXS step alone, paired runs: 4203-5287 -> 3736-3781 -> 3490-3493
+  MiB; the memory table: XXS 1.64 -> 1.41x timm, XS 1.56 -> 1.23x, S 1.54 -> 1.18x. Cost: the
+  SiLU change none (S 32x32 steady step 102-105 -> 97-98 ms, first step 3.3 s both, the exported
+  graph unchanged at 594 ops per image); the recomputation XXS 256x256 steps about 5% longer
+  (1.47-1.52 -> 1.59 s in paired runs), none below 256 tokens. These measurements, the memory
+  tables and the 256 training rows ran on this session's Intel Xeon, which slowed down during
+  the session: the first-step and quickstart tables are the AMD EPYC runs from before this round.
+  Re-run on the Xeon in its slow period they gave a first step of 4.6-5.7 s (Keras' AdamW
+  11.5-13.3 s, 8.7-9.6 in the table) and a 51 s quickstart (val_accuracy 0.978), and paired runs
+  of the code before and after this round there agreed: XXS first step 4.74 and 5.50 s before,
+  5.14 and 5.06 s after, steady steps 51-54 ms both.
 
 Still missed, and why (each measured with the command of its table):
-- *SavedModel at batch 1 >= 1.3x* (0.82-1.11x in today's second run, 0.94-1.09x in its first; XXS
-  the lowest in both): the 2-D projections replaced the attention's 36
+- *SavedModel at batch 1 >= 1.3x* (0.91-1.06x in the table above; 0.82-1.11x and 0.94-1.09x in
+  two earlier runs the same day; XXS the lowest in all three): the 2-D projections replaced the attention's 36
   broadcast batched matmuls per image with plain ones (ops per image 1,019 -> 983) without moving
   batch 1 beyond the spread (XXS 19.6 -> 19.9 ms; `python -m bench.profile_infer` the same day:
   19.6 -> 19.8; its table above, re-run later, 20.6 ms vs timm 21.6). Folding removed BatchNorm's
   arithmetic, which grappler had already folded from the frozen constants; ~980 ops per image
   remain (attention, LayerNorm, patch (un)folding), and their per-op cost in TensorFlow's executor
   is the gap.
-- *Peak memory <= timm* (1.54-1.64x today, 1.26-1.45x on 2026-11-30): our model and step alone on
-  one fixed batch (no tf.data, no trainer) peak as high as the whole run (memory table), so the
-  excess is the step itself: TensorFlow keeps the forward activations for the backward pass, and
-  TensorFlow imported alone holds 640 MiB. Peak RSS also moves with how the two executor threads
-  interleave ops: the same code peaked 3686 MiB (XXS run, 2026-11-30) and 4106 MiB (today), and
-  4158 and 5173 MiB in two runs of one build of the XXS step alone. Tried (2026-12-01): SiLU's
-  gradient recomputing the sigmoid from its input instead of keeping it (one activation-sized
-  tensor fewer per SiLU): the XXS run 4106 -> 3689 MiB and the step alone 4159 -> 3728 (`python -m
-  bench.memory`, same day; a paired A/B: 4160 -> 3750-3800), step time unchanged, but 9 more ops
-  per activation to trace: the first step 3.4 -> 4.2 s for XXS, which would take S (4.5 s) past
-  its 5 s target, and memory would stay ~1.5x timm: not adopted. No change: glibc's mmap threshold
-  fixed at 128 KiB (4048 vs 4087 MiB) and two malloc arenas (4030); LayerNorm's gradient written
-  out (4087 and 4096 MiB); earlier, one inter-op thread (3763 vs 3792)."""
+- *Peak memory <= timm* (1.18-1.41x, was 1.54-1.64x): what each side keeps for the backward pass
+  is now 1.12-1.13x timm's (kept table above), and the rest is TensorFlow's runtime: 680 MiB
+  with TensorFlow imported alone, and the step's transient buffers. Of the kept gap, most is
+  explicit padding: PyTorch pads inside its convolution, our stride-2 convolutions pad first
+  (`ZeroPadding2D`, to match PyTorch's symmetric padding; Keras' "same" pads bottom-right only),
+  and the padded copy is kept beside the unpadded one (`Pad`: XXS 135, XS 439, S 499 MiB). Next
+  step: convolutions with explicit padding (TensorFlow's `Conv2D` takes it; Keras' layer does
+  not). Peak RSS also moves with how the two executor threads interleave ops: before this round
+  the same build of the XXS step alone peaked 4203-5287 MiB in three runs, 3490-3493 after it.
+  Tried earlier (2026-12-01): SiLU's gradient recomputing the sigmoid (tf.nn.silu's way: 9 more
+  ops per activation, the first step 3.4 -> 4.2 s), superseded by the gradient from the output
+  above; no change from glibc's mmap threshold fixed at 128 KiB (4048 vs 4087 MiB), two malloc
+  arenas (4030), LayerNorm's gradient written out (4087 and 4096 MiB) or one inter-op thread
+  (3763 vs 3792)."""
 
 
 def _worst(rows: list[dict], keep) -> float | None:

@@ -94,6 +94,8 @@ print(runner(images=image)["probabilities"].argmax())
 | file | bytes | max abs prob. diff vs Keras | top-1 agreement | meets bar |
 |---|---|---|---|---|
 {lite or "| (none: set export.litert=[float32,float16,dynamic_int8,int8,int8_integer_only]) | | | | |"}
+`int8`: int8 but for LayerNorm and the attention's scores (float32), the fastest on a CPU or phone
+(XNNPACK); `int8_integer_only`: integer kernels only, for NPUs, Edge TPUs and microcontrollers.
 
 ## Keras
 
