@@ -301,7 +301,9 @@ SPEED_A_USER_FEELS = """\
   11.1 vs 25.0 (table above). Top-1 agreement with the float model on the quickstart's 179
   validation digits: 99.4%, the same as the integer-only file (one image of 179); after the sixth
   round (below), 100% and 99.4% (`python -m trainer experiment=quickstart
-  "export.litert=[dynamic_int8,int8,int8_integer_only]" export.check_images=300`); the attention's
+  "export.litert=[dynamic_int8,int8,int8_integer_only]" export.check_images=300`), but 98.9%
+  (177 of 179, one image short of the 99% bar) for `tests/serving/test_export.py`'s model as the
+  suite's worker trains it (two clean-clone CI runs), 100% when trained alone; the attention's
   int8 score scaling had 3x any other op's rounding error (the debugger's layer statistics) and is
   float too. The integer-only file is kept as `int8_integer_only`.
 - *Less kept for the backward pass* (2026-12-01, sixth round; `python -m bench.profile_memory`,
