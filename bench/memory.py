@@ -8,8 +8,9 @@ this (large) process would report at least this process's own peak.
 
     python -m bench.memory
 
-Two more children per model say where ours goes: our model and train step alone on a fixed
-batch (timm's loop, in TensorFlow: no tf.data, no trainer), and TensorFlow imported alone.
+Three more children per model say where ours goes: our model and train step alone on a fixed
+batch (timm's loop, in TensorFlow: no tf.data, no trainer), the peak of live tensors in that
+step (TensorFlow's own allocator count), and TensorFlow imported alone.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ for _ in range(3):
     loop.train_step(it)["loss"].numpy()
 """
 IMPORT_ONLY = "import tensorflow as tf; tf.constant(1.0) + 1.0"
+# The same step with TensorFlow's BFC allocator on the CPU (TF_CPU_ALLOCATOR_USE_BFC, read when
+# TensorFlow starts), which counts every tensor it hands out: the peak of live tensors, apart
+# from the runtime, code and malloc's own keeping that the RSS adds.
+LIVE_PEAK = STEP_RUN + """
+print("live_peak_mib", tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20)
+"""
 
 
 # Forks and execs the command from a fresh ~10 MiB interpreter, waits, prints the peak in KiB.
@@ -77,6 +84,14 @@ def peak_rss_mib(cmd: list[str], env: dict | None = None) -> float:
     if int(code) != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])}... failed: {proc.stderr[-2000:]}")
     return int(kib) / 1024
+
+
+def live_peak_mib(code: str) -> float:
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"the live-tensor run failed: {proc.stderr[-2000:]}")
+    return float(proc.stdout.split("live_peak_mib")[-1])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -100,10 +115,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         fill = dict(threads=threads, model=model, batch=args.batch, size=args.size)
         ref = peak_rss_mib([sys.executable, "-c", TIMM_RUN.format(**fill)])
         step = peak_rss_mib([sys.executable, "-c", STEP_RUN.format(**fill)])
+        live = live_peak_mib(LIVE_PEAK.format(**fill))
         tf_alone = peak_rss_mib([sys.executable, "-c", IMPORT_ONLY])
         rows.append({"task": "memory", "model": model, "batch": args.batch, "size": args.size,
                      "ours_peak_rss_mib": round(ours), "ref_peak_rss_mib": round(ref),
                      "ratio": round(ours / ref, 2), "ours_step_only_mib": round(step),
+                     "ours_step_live_tensors_mib": round(live),
                      "tensorflow_import_mib": round(tf_alone)})
         print(rows[-1], flush=True)
     path = common.write("memory", rows, info)
@@ -111,6 +128,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                               ("ours_peak_rss_mib", "ours MiB"),
                               ("ref_peak_rss_mib", "timm MiB"), ("ratio", "ours / timm"),
                               ("ours_step_only_mib", "our step alone MiB"),
+                              ("ours_step_live_tensors_mib", "its live tensors MiB"),
                               ("tensorflow_import_mib", "TF imported MiB")]))
     print(f"wrote {path}")
     return rows
