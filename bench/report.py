@@ -201,15 +201,20 @@ def profile_section(rows: list[dict]) -> str:
     """Batch-1 latency of the variants tried, and where the time goes (bench/profile_infer.py)."""
     variants = list(rows[0]["ms"])
     lines = ["**Batch 1, where the time goes** (`python -m bench.profile_infer`; ms per image; "
-             "`savedmodel` is the export: BatchNorm folded into the convolutions, weights frozen "
-             "in as constants; `frozen constants` the same without the folding; "
-             "`tf.function` is the same network reading its variables):", "",
-             "| model | " + " | ".join(variants) + " | TF ops per image | top op types (ms) |",
-             "|" + "---|" * (len(variants) + 3)]
+             "`savedmodel` is the export: BatchNorm folded into the convolutions, LayerNorm and "
+             "the token Dense layers in the patterns grappler fuses, weights frozen in as "
+             "constants; `savedmodel, Keras layers` the same with Keras' LayerNorm and Dense; "
+             "`frozen constants` the same without the folding; "
+             "`tf.function` is the same network reading its variables; ops per image and the "
+             "top op types are the SavedModel's, then the `tf.function`'s ops):", "",
+             "| model | " + " | ".join(variants)
+             + " | TF ops per image | tf.function ops | top op types (ms) |",
+             "|" + "---|" * (len(variants) + 4)]
     for r in rows:
         top = ", ".join(f"{k} {v['ms']}" for k, v in list(r["top_ops"].items())[:5])
-        lines.append(f"| {r['model']} | " + " | ".join(str(r["ms"][v]) for v in variants)
-                     + f" | {r['ops_per_image']} | {top} |")
+        lines.append(f"| {r['model']} | " + " | ".join(str(r["ms"].get(v, "")) for v in variants)
+                     + f" | {r['ops_per_image']} | {r.get('ops_per_image_tf_function', '')}"
+                     f" | {top} |")
     lines += ["", WHY_BATCH_1]
     return "\n".join(lines)
 

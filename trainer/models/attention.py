@@ -59,13 +59,18 @@ def _attention(query, key, value, scale: float):
     return attend(query, key, value)
 
 
+def _tokens(x):
+    """The token count: static where known, so that a reshape needs no shape ops at run time."""
+    return x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
+
+
 def _project_in(dense, x):
     """x [B, T, C] @ kernel [C, N, H] + bias [N, H] -> [B, T, N, H], as a 2-D matmul."""
     c, n, h = dense.kernel.shape
     y = ops.matmul(ops.reshape(x, (-1, c)), ops.reshape(dense.kernel, (c, n * h)))
     if dense.bias is not None:
         y = y + ops.reshape(dense.bias, (n * h,))
-    return ops.reshape(y, (ops.shape(x)[0], ops.shape(x)[1], n, h))
+    return ops.reshape(y, (-1, _tokens(x), n, h))
 
 
 def _project_out(dense, x):
@@ -74,7 +79,7 @@ def _project_out(dense, x):
     y = ops.matmul(ops.reshape(x, (-1, n * h)), ops.reshape(dense.kernel, (n * h, e)))
     if dense.bias is not None:
         y = y + dense.bias
-    return ops.reshape(y, (ops.shape(x)[0], ops.shape(x)[1], e))
+    return ops.reshape(y, (-1, _tokens(x), e))
 
 
 @keras.saving.register_keras_serializable(package="mobilevit")

@@ -63,7 +63,7 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
     def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
         config = layer.get_config()
         if layer.name in pairs:
-            return layers.Identity(name=layer.name, dtype=layer.dtype_policy)
+            return layers.Identity(name=layer.name, dtype=layer.dtype_policy.name)
         if layer.name in folded_convs:
             config["use_bias"] = True
         return layer.__class__.from_config(config)
@@ -75,8 +75,8 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
 
     copy = keras.models.clone_model(model, clone_function=clone, call_function=call,
                                     recursive=True)
-    source = {layer.name: layer for layer in _leaf_layers(model)}
-    for layer in _leaf_layers(copy):
+    source = {layer.name: layer for layer in leaf_layers(model)}
+    for layer in leaf_layers(copy):
         if layer.name in folded_convs:
             bn = source[folded_convs[layer.name]]
             layer.set_weights(list(folded_weights(source[layer.name], bn)))
@@ -85,11 +85,12 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
     return copy
 
 
-def _leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
+def leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers of `model` that are not models, nested models flattened, in order."""
     out = []
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            out += _leaf_layers(layer)
+            out += leaf_layers(layer)
         else:
             out.append(layer)
     return out

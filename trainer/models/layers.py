@@ -70,19 +70,20 @@ class DropPath(layers.Layer):
 
 def unfold_patches(x, patch: int):
     """[B, H, W, C] -> [B * P, N, C]: token n of sequence b * P + p is pixel p of patch n."""
-    b, h, w, c = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2], x.shape[-1]
-    x = ops.reshape(x, (b, h // patch, patch, w // patch, patch, c))
+    # -1 for the batch: with the map's size static (a served graph) the reshapes need no shape
+    # arithmetic at run time (a few ops per call, the most of anything at batch 1, #20).
+    h, w, c = ops.shape(x)[1], ops.shape(x)[2], x.shape[-1]
+    x = ops.reshape(x, (-1, h // patch, patch, w // patch, patch, c))
     x = ops.transpose(x, (0, 2, 4, 1, 3, 5))  # [B, ph, pw, nh, nw, C]
-    return ops.reshape(x, (b * patch * patch, (h // patch) * (w // patch), c))
+    return ops.reshape(x, (-1, (h // patch) * (w // patch), c))
 
 
 def fold_patches(tokens, h, w, patch: int):
     """Inverse of `unfold_patches` for a map of size h x w (both multiples of `patch`)."""
     c = tokens.shape[-1]
-    b = ops.shape(tokens)[0] // (patch * patch)
-    x = ops.reshape(tokens, (b, patch, patch, h // patch, w // patch, c))
+    x = ops.reshape(tokens, (-1, patch, patch, h // patch, w // patch, c))
     x = ops.transpose(x, (0, 3, 1, 4, 2, 5))  # [B, nh, ph, nw, pw, C]
-    return ops.reshape(x, (b, h, w, c))
+    return ops.reshape(x, (-1, h, w, c))
 
 
 def padded_size(size, patch: int):

@@ -18,6 +18,7 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 from trainer.atomic import replacing, replacing_dir, write_json
 from trainer.config.schema import TOP_K
 from trainer.models.folding import fold_batchnorm
+from trainer.models.fusion import for_onednn
 from trainer.models.head import HEAD, find_backbone
 from trainer.models.mobilevit import float32_copy
 from trainer.models.preprocessing import MobileViTPreprocessor
@@ -42,15 +43,19 @@ def _save(path: Path, endpoints: dict[str, tuple[Callable, list]]):
                       options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
 
 
-def frozen_forward(net: keras.Model, image_size: int) -> tf.types.experimental.GenericFunction:
+def frozen_forward(net: keras.Model, image_size: int, *, onednn_layers: bool = True
+                   ) -> tf.types.experimental.GenericFunction:
     """`net`'s inference pass as one function with its weights folded in as constants.
 
     Why: a function that reads its ~300 variables recomputes every normalisation's scale and
     shift on each call; with constants, grappler folds them once (LayerNorm's; BatchNorm is
     already folded into its convolution, `fold_batchnorm`). At batch 1 on CPU that was ~20% of
-    the time (bench/profile_infer.py: XXS 22.9 -> 17.5 ms per image). The SavedModel is served,
-    not trained: model.keras is the one to fine-tune.
+    the time (bench/profile_infer.py: XXS 22.9 -> 17.5 ms per image). LayerNorm and the token
+    Dense layers are written in the patterns grappler fuses (`for_onednn`; `onednn_layers=False`
+    keeps Keras' layers, which bench/profile_infer.py times beside them). The SavedModel is
+    served, not trained: model.keras is the one to fine-tune.
     """
+    net = for_onednn(net) if onednn_layers else net
     return _frozen(net, [net.output], image_size)[0]
 
 
@@ -58,7 +63,7 @@ def frozen_forwards(classifier: keras.Model, image_size: int) -> dict[str, Calla
     """{"logits": f, "features": f}: the classifier's inference pass frozen once for both
     SavedModels (tracing and freezing is most of an export's time); features are the pooled
     features the head reads (its dropout is the identity at inference)."""
-    net = fold_batchnorm(classifier)
+    net = for_onednn(fold_batchnorm(classifier))
     logits, features = _frozen(net, [net.output, net.get_layer(HEAD).input], image_size)
     return {"logits": logits, "features": features}
 
