@@ -4,11 +4,10 @@ For one backbone at batch 1 this times, interleaved: the exported SavedModel (`s
 same export with Keras' LayerNorm and Dense layers (before trainer/models/fusion.py), the same
 forward pass as a plain `tf.function`, the same with XLA (`jit_compile=True`), the same with
 its variables frozen into constants (what grappler can then fold), and timm eager.
-It then traces the SavedModel and the `tf.function` with `tf.profiler` and sums the host trace
-per op type: how many TensorFlow ops one image runs through and where their time goes. About
-320 of the ~1,000 ops of the `tf.function` are the elementwise Mul / AddV2 of BatchNorm and
-LayerNorm reading their variables, which is what freezing the weights into constants lets
-grappler fold (adopted in the export); the exported graph runs about 200.
+It then traces the SavedModel with `tf.profiler` and sums the host trace per op type: how many
+TensorFlow ops one image runs through and where their time goes (about 200; the `tf.function`
+ran ~1,000, a third of them the elementwise Mul / AddV2 of BatchNorm and LayerNorm reading their
+variables, which freezing the weights into constants lets grappler fold).
 
     python -m bench.profile_infer --models mobilevit_xxs
 """
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             from trainer.models.folding import fold_batchnorm
             from trainer.models.head import build_classifier
             from trainer.models.mobilevit import MobileViTBackbone
-            from trainer.serving.savedmodel import frozen_forward
+            from trainer.serving.savedmodel import export_classifier, frozen_forward
 
             model = common.trained_like(
                 build_classifier(MobileViTBackbone.from_preset(name), CLASSES))
@@ -83,11 +82,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             graph_fn = tf.function(lambda t: model(t, training=False))
             xla_fn = tf.function(lambda t: model(t, training=False), jit_compile=True)
             frozen_fn = convert_variables_to_constants_v2(graph_fn.get_concrete_function(x))
-            # The export before trainer/models/fusion.py: folded and frozen, Keras' layers.
+            # The export before trainer/models/fusion.py: the same SavedModel, Keras' layers.
             folded = fold_batchnorm(model)
-            keras_layers_fn = frozen_forward(folded, args.size, onednn_layers=False)
+            before = tf.saved_model.load(str(export_classifier(
+                folded, Path(tmp) / "keras_layers", [str(i) for i in range(CLASSES)], args.size,
+                0.9, forward=frozen_forward(folded, args.size, onednn_layers=False))))
             runs = {"savedmodel": savedmodel_call(loaded, "serve_float", image),
-                    "savedmodel, Keras layers": lambda: keras_layers_fn(x).numpy(),
+                    "savedmodel, Keras layers": savedmodel_call(before, "serve_float", image),
                     "tf.function": lambda: graph_fn(x).numpy(),
                     "tf.function+XLA": lambda: xla_fn(x).numpy(),
                     "frozen constants": lambda: frozen_fn(x)[0].numpy(),
@@ -97,18 +98,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             r = common.interleaved(runs, 1, args.repeats, args.calls)
             ms = {k: round(1000 / v["median"], 2) for k, v in r.items()}
             ops = op_profile(runs["savedmodel"], args.calls)
-            ops_live = op_profile(runs["tf.function"], args.calls)
         compute = sum(o["ms"] for o in ops.values())
         row = {"task": "profile_infer", "model": name, "batch": 1, "size": args.size,
                "ms": ms, "ops_per_image": round(sum(o["count"] for o in ops.values())),
-               "ops_per_image_tf_function": round(sum(o["count"] for o in ops_live.values())),
                "op_compute_ms": round(compute, 2),  # summed over the executor's threads
                "top_ops": {k: {"count": round(v["count"]), "ms": round(v["ms"], 2)}
                            for k, v in list(ops.items())[:12]}}
         rows.append(row)
         print(f"{name} batch 1: " + ", ".join(f"{k} {v} ms" for k, v in ms.items()))
-        print(f"  {row['ops_per_image']} TensorFlow ops per image in the SavedModel "
-              f"({row['ops_per_image_tf_function']} in the tf.function), {compute:.1f} ms inside them "
+        print(f"  {row['ops_per_image']} TensorFlow ops per image in the SavedModel, "
+              f"{compute:.1f} ms inside them "
               f"(summed over the executor's threads, which run independent ops in parallel)")
         for op_type, o in row["top_ops"].items():
             print(f"  {op_type:28s} x{o['count']:<5d} {o['ms']:7.2f} ms")

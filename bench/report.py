@@ -203,27 +203,38 @@ def profile_section(rows: list[dict]) -> str:
     lines = ["**Batch 1, where the time goes** (`python -m bench.profile_infer`; ms per image; "
              "`savedmodel` is the export: BatchNorm folded into the convolutions, LayerNorm and "
              "the token Dense layers in the patterns grappler fuses, weights frozen in as "
-             "constants; `savedmodel, Keras layers` the same with Keras' LayerNorm and Dense; "
-             "`frozen constants` the same without the folding; "
-             "`tf.function` is the same network reading its variables; ops per image and the "
-             "top op types are the SavedModel's, then the `tf.function`'s ops):", "",
-             "| model | " + " | ".join(variants)
-             + " | TF ops per image | tf.function ops | top op types (ms) |",
-             "|" + "---|" * (len(variants) + 4)]
+             "constants; `savedmodel, Keras layers` the same SavedModel with Keras' LayerNorm "
+             "and Dense; `frozen constants` the network frozen without either; `tf.function` "
+             "the same network reading its variables; ops per image and the top op types are "
+             "the SavedModel's):", "",
+             "| model | " + " | ".join(variants) + " | TF ops per image | top op types (ms) |",
+             "|" + "---|" * (len(variants) + 3)]
     for r in rows:
         top = ", ".join(f"{k} {v['ms']}" for k, v in list(r["top_ops"].items())[:5])
         lines.append(f"| {r['model']} | " + " | ".join(str(r["ms"].get(v, "")) for v in variants)
-                     + f" | {r['ops_per_image']} | {r.get('ops_per_image_tf_function', '')}"
-                     f" | {top} |")
+                     + f" | {r['ops_per_image']} | {top} |")
     lines += ["", WHY_BATCH_1]
     return "\n".join(lines)
 
 
 # What the profile shows and what was tried (measured on the machine above, 2026-11-24).
 WHY_BATCH_1 = """\
-Why batch 1 is near parity rather than 1.2x: one image runs through about 1,000 TensorFlow ops,
-most of them small (the two executor threads overlap them), and a third are elementwise Mul/AddV2
-of BatchNorm and LayerNorm. Tried: XLA (`jit_compile=True`) on CPU, 2-3x slower (column above);
+Why batch 1 is not further ahead: the served graph runs about 200 TensorFlow ops per image (983 in
+the plain `tf.function`, 594 in the export before 2026-12-02), nearly all of them oneDNN kernels
+whose own time adds up to the wall time (XXS: 24.3 ms inside ops, 25.6 ms wall): what is left is
+those kernels' cost at batch-1 shapes, not the executor's per-op overhead. LayerNorm and the token
+Dense layers in the patterns grappler fuses (2026-12-02, `trainer/models/fusion.py`, the
+`savedmodel` column): 594 -> 193-198 ops per image, each LayerNorm one `_MklLayerNorm` (2.2-2.6 ms
+for XXS's 21, about what its 9 unfused ops cost), each Dense one MatMul with its bias and no shape
+arithmetic. Beside the same SavedModel with Keras' layers (`savedmodel, Keras layers`, 15
+interleaved repeats) it is no faster: XXS 25.6 vs 24.5 ms, XS 43.1 vs 42.8, S 53.6 vs 54.1; three
+earlier runs of the pair as bare frozen functions ranged from 4% slower to 10% faster. Kept: the
+fused serving graph the issue asks for, with three times fewer ops for any runtime that pays per
+op. Tried alongside, not adopted: the attention heads-major, one matmul for Q, K and V and
+BatchMatMul instead of Keras' einsums (18 einsums -> 18 batched matmuls and 18 more transposes):
+XXS 26.5 vs 26.9 ms (median of 3 rounds of 15), within the spread. Earlier (the
+tf.function's ~1,000 ops, a third of them elementwise Mul/AddV2 of BatchNorm and LayerNorm):
+XLA (`jit_compile=True`) on CPU, 2-3x slower (column above);
 one inter-op thread, 22.1 vs 23.7 ms for XXS (within the spread, not adopted); oneDNN off
 (`TF_ENABLE_ONEDNN_OPTS=0`), 29.0 vs 23.7 ms; weights frozen in as constants so grappler folds
 the normalisation arithmetic, 15-20% faster: adopted. BatchNorm folded into the convolutions
@@ -344,14 +355,19 @@ SPEED_A_USER_FEELS = """\
   5.14 and 5.06 s after, steady steps 51-54 ms both.
 
 Still missed, and why (each measured with the command of its table):
-- *SavedModel at batch 1 >= 1.3x* (0.91-1.06x in the table above; 0.82-1.11x and 0.94-1.09x in
-  two earlier runs the same day; XXS the lowest in all three): the 2-D projections replaced the attention's 36
-  broadcast batched matmuls per image with plain ones (ops per image 1,019 -> 983) without moving
-  batch 1 beyond the spread (XXS 19.6 -> 19.9 ms; `python -m bench.profile_infer` the same day:
-  19.6 -> 19.8; its table above, re-run later, 20.6 ms vs timm 21.6). Folding removed BatchNorm's
-  arithmetic, which grappler had already folded from the frozen constants; ~980 ops per image
-  remain (attention, LayerNorm, patch (un)folding), and their per-op cost in TensorFlow's executor
-  is the gap.
+- *SavedModel at batch 1 >= 1.3x* for every size: on the Intel Xeon (2026-12-02) the inference
+  table gives XXS 1.34x, XS 1.32x, S 1.23x, and the profile table 1.24x, 1.44x and 1.34x (15
+  repeats): XS meets it in both runs, XXS and S in one each. On the AMD EPYC (2026-12-01, the
+  export before the fused layers) it was 0.91-1.06x, and on one machine the fused layers do not
+  move batch 1 (the profile table's paired column): the difference is the machine, where PyTorch
+  loses more than TensorFlow's oneDNN kernels do (timm's XXS 17.6 ms on the EPYC, 31.8-33.2 ms on
+  the Xeon; ours 19.4 and 24.7-25.6). The served graph is now ~200 oneDNN kernels whose time is
+  the wall time (above); what would go further is fewer, larger kernels (one fused attention; SiLU
+  fused into the 7 depthwise convolutions and the 9 MLP matmuls, which the remapper leaves as
+  separate `_MklSwish` ops), none of which TensorFlow 2.21 offers on CPU outside XLA, which is
+  2-3x slower here. Earlier: the 2-D projections replaced the attention's 36 broadcast batched
+  matmuls per image with plain ones (ops per image 1,019 -> 983) without moving batch 1 beyond the
+  spread (XXS 19.6 -> 19.9 ms).
 - *Peak memory <= timm* (1.18-1.39x, was 1.54-1.64x): the tensors are not the gap. The peak of
   live tensors in our step, as TensorFlow's own allocator counts them (the memory table's "its
   live tensors" column, BFC allocator on the CPU), is below timm's whole process: XXS 2,253 vs
@@ -370,6 +386,10 @@ Still missed, and why (each measured with the command of its table):
   3,468 vs 3,540 MiB), two malloc arenas (3,448), both with a trim threshold (3,455). Peak RSS
   also moves with how the two executor threads interleave ops: before the sixth round the same
   build of the XXS step alone peaked 4203-5287 MiB in three runs, 3490-3493 after it.
+  Also not adopted (2026-12-02, the XXS step alone, two runs each): oneDNN's primitive cache
+  off (`ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`) 3,485 and 3,474 MiB vs 3,466 and 3,469 by default,
+  TensorFlow's BFC allocator for the CPU 3,539 and 3,521, oneDNN off 3,585 and 3,646: neither
+  oneDNN's cached primitives nor malloc's keeping is the 520-700 MiB.
   Tried earlier (2026-12-01): SiLU's gradient recomputing the sigmoid (tf.nn.silu's way: 9 more
   ops per activation, the first step 3.4 -> 4.2 s), superseded by the gradient from the output
   above; no change from glibc's mmap threshold fixed at 128 KiB (4048 vs 4087 MiB), two malloc
