@@ -71,7 +71,7 @@ class DropPath(layers.Layer):
 def unfold_patches(x, patch: int):
     """[B, H, W, C] -> [B * P, N, C]: token n of sequence b * P + p is pixel p of patch n."""
     # -1 for the batch: with the map's size static (a served graph) the reshapes need no shape
-    # arithmetic at run time (a few ops per call, the most of anything at batch 1, #20).
+    # arithmetic at run time (#20).
     h, w, c = ops.shape(x)[1], ops.shape(x)[2], x.shape[-1]
     x = ops.reshape(x, (-1, h // patch, patch, w // patch, patch, c))
     x = ops.transpose(x, (0, 2, 4, 1, 3, 5))  # [B, ph, pw, nh, nw, C]
