@@ -24,6 +24,24 @@ def _own_wandb_service(monkeypatch):
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
 
 
+# --------------------------------------------------------------------------- two workers
+# pytest-xdist (`-n 2 --dist loadfile`, pyproject.toml) sends each test file to one worker, so its
+# module fixtures (a trained run, say) are built once. The option matrix's cases, a minute or more
+# each and independent, go one by one instead: as one file they were half the suite, all on one
+# worker. (xdist's own `loadgroup` does not group under pytest 9: it reads the nodeids before its
+# group suffix is applied.)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesAndMatrixCases(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid if "test_matrix.py::test_case_" in nodeid else super()._split_scope(nodeid)
+
+    return FilesAndMatrixCases(config, log)
+
+
 # --------------------------------------------------------------------------- the option matrix
 # tests/system/test_matrix.py writes one JSON file per case into MATRIX_RESULTS (set here, in the
 # controlling process, before pytest-xdist starts its workers, which inherit it); the table of
@@ -73,3 +91,4 @@ def timm_xxs(tmp_path_factory):
     path = tmp_path_factory.mktemp("timm-xxs") / "model.safetensors"
     R.save_state(ref, path)
     return ref, path
+
