@@ -97,3 +97,20 @@ def test_served_graph_runs_fused_layernorm():
     expected = model(images, training=False).numpy()
     got = forward(tf.constant(images)).numpy()
     assert np.abs(got - expected).max() / np.abs(expected).max() <= 1e-5
+
+
+def test_folding_and_swapping_in_one_copy_is_folding_then_swapping():
+    """The export's single clone (fold_batchnorm with swaps) is the two clones it replaces."""
+    from trainer.models.fusion import SWAPS
+
+    model = with_real_statistics(build_classifier(MobileViTBackbone.from_preset("mobilevit_xxs"), 5))
+    one = fold_batchnorm(model, swaps=SWAPS)
+    two = for_onednn(fold_batchnorm(model))
+    assert [type(x) for x in leaf_layers(one)] == [type(x) for x in leaf_layers(two)]
+    assert not any(isinstance(x, keras.layers.BatchNormalization) for x in leaf_layers(one))
+    for a, b in zip(one.weights, two.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    images = np.random.default_rng(4).random((2, 64, 64, 3), dtype=np.float32)
+    np.testing.assert_array_equal(one(images, training=False).numpy(),
+                                  two(images, training=False).numpy())
+    assert fold_batchnorm(one, swaps=SWAPS) is one  # already folded and swapped: no copy

@@ -9,8 +9,9 @@ The two full-int8 files, both calibrated on training images:
 - `int8`, for CPUs (XNNPACK): int8 weights and activations in every convolution, dense layer,
   activation and residual add; float32 where XNNPACK has no int8 kernel or int8 costs accuracy:
   the LayerNorm / GroupNorm layers (int8 RSQRT and a variance in 8 bits), the attention's
-  score matmul of two activations (BATCH_MATMUL) and SOFTMAX, and v2's fused q/k/v projection. Written as the whole graph in one
-  XNNPACK partition: XXS at 256x256 runs 1.8x faster than the float32 file (#20).
+  score matmul of two activations (BATCH_MATMUL) and SOFTMAX, and v2's fused q/k/v projection.
+  Written as the whole graph in one XNNPACK partition: XXS at 256x256 runs 1.8x faster than the
+  float32 file (#20).
 - `int8_integer_only`, for NPUs, Edge TPUs and microcontrollers, which run nothing but integer
   kernels: every op int8. On a CPU it is slower than float32: the ops above fall back to LiteRT's
   built-in int8 kernels and cut the XNNPACK graph into ~60 pieces.

@@ -18,7 +18,7 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 from trainer.atomic import replacing, replacing_dir, write_json
 from trainer.config.schema import TOP_K
 from trainer.models.folding import fold_batchnorm
-from trainer.models.fusion import for_onednn
+from trainer.models.fusion import SWAPS, for_onednn
 from trainer.models.head import HEAD, find_backbone
 from trainer.models.mobilevit import float32_copy
 from trainer.models.preprocessing import MobileViTPreprocessor
@@ -63,7 +63,7 @@ def frozen_forwards(classifier: keras.Model, image_size: int) -> dict[str, Calla
     """{"logits": f, "features": f}: the classifier's inference pass frozen once for both
     SavedModels (tracing and freezing is most of an export's time); features are the pooled
     features the head reads (its dropout is the identity at inference)."""
-    net = for_onednn(fold_batchnorm(classifier))
+    net = fold_batchnorm(classifier, swaps=SWAPS)  # itself if already folded and swapped
     logits, features = _frozen(net, [net.output, net.get_layer(HEAD).input], image_size)
     return {"logits": logits, "features": features}
 
@@ -210,12 +210,13 @@ def export_run(model: keras.Model, class_names: list[str], export_cfg, card: Mod
     def write(out: Path) -> None:  # into a temporary directory, swapped in when complete
         # Every served file computes in float32, whatever precision the model trained in.
         served = float32_copy(model)
-        # The inference graph: each conv -> BatchNorm pair one convolution (trainer/models/folding.py)
-        folded = fold_batchnorm(served)
-        forwards = frozen_forwards(folded, size)
-        export_classifier(folded, out / "classifier", class_names, size, crop, method,
+        # The inference graph: each conv -> BatchNorm pair one convolution (trainer/models/folding.py),
+        # LayerNorm and Dense in the patterns oneDNN fuses (trainer/models/fusion.py), one copy.
+        fused = fold_batchnorm(served, swaps=SWAPS)
+        forwards = frozen_forwards(fused, size)
+        export_classifier(fused, out / "classifier", class_names, size, crop, method,
                           forwards["logits"])
-        export_feature_extractor(folded, out / "feature_extractor", size, crop, method,
+        export_feature_extractor(fused, out / "feature_extractor", size, crop, method,
                                  forwards["features"])
         save_keras(model, out / "model.keras")  # as trained, to fine-tune further
         check = collect_images(val_ds, export_cfg.check_images)
@@ -232,8 +233,10 @@ def export_run(model: keras.Model, class_names: list[str], export_cfg, card: Mod
                                                      atol=RELOAD_TOLERANCE)
         if export_cfg.litert:
             calibration = collect_images(calib_ds, export_cfg.calibration_images)
-            result["litert"] = litert.export_all(folded, out / "litert", list(export_cfg.litert),
-                                                 size, calibration, check)
+            # From the folded graph with Keras' own layers: the converter has no training-mode
+            # batch norm (FusableLayerNorm's pattern).
+            result["litert"] = litert.export_all(fold_batchnorm(served), out / "litert",
+                                                 list(export_cfg.litert), size, calibration, check)
             write_json(out / "litert" / "checks.json", result["litert"])
         write_model_card(out / "README.md", card, class_names, metrics, result)
 
