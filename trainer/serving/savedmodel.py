@@ -18,7 +18,7 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 from trainer.atomic import replacing, replacing_dir, write_json
 from trainer.config.schema import TOP_K
 from trainer.models.folding import fold_batchnorm
-from trainer.models.fusion import SWAPS, for_onednn
+from trainer.models.fusion import SWAPS
 from trainer.models.head import HEAD, find_backbone
 from trainer.models.mobilevit import float32_copy
 from trainer.models.preprocessing import MobileViTPreprocessor
@@ -45,17 +45,17 @@ def _save(path: Path, endpoints: dict[str, tuple[Callable, list]]):
 
 def frozen_forward(net: keras.Model, image_size: int, *, onednn_layers: bool = True
                    ) -> tf.types.experimental.GenericFunction:
-    """`net`'s inference pass as one function with its weights folded in as constants.
+    """`net`'s inference pass, BatchNorm folded, as one function with its weights as constants.
 
     Why: a function that reads its ~300 variables recomputes every normalisation's scale and
     shift on each call; with constants, grappler folds them once (LayerNorm's; BatchNorm is
     already folded into its convolution, `fold_batchnorm`). At batch 1 on CPU that was ~20% of
     the time (bench/profile_infer.py: XXS 22.9 -> 17.5 ms per image). LayerNorm and the token
-    Dense layers are written in the patterns grappler fuses (`for_onednn`; `onednn_layers=False`
+    Dense layers are written in the patterns grappler fuses (fusion.py's SWAPS; `onednn_layers=False`
     keeps Keras' layers, which bench/profile_infer.py times beside them). The SavedModel is
     served, not trained: model.keras is the one to fine-tune.
     """
-    net = for_onednn(net) if onednn_layers else net
+    net = fold_batchnorm(net, swaps=SWAPS if onednn_layers else None)  # one copy of the model
     return _frozen(net, [net.output], image_size)[0]
 
 
@@ -90,9 +90,8 @@ def export_float_savedmodel(model: keras.Model, path: Path, image_size: int,
     The contract of the TF Hub `mobilevit_*_1k_256` models (logits) and their `_fe` twins
     (`output="features"`: pooled features [N, C]).
     """
-    net = fold_batchnorm(model if output == "logits" else feature_model(model))
     spec = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")]
-    forward = frozen_forward(net, image_size)
+    forward = frozen_forward(model if output == "logits" else feature_model(model), image_size)
 
     def serve(images):
         return {output: forward(images)}
@@ -156,7 +155,7 @@ def export_classifier(model: keras.Model, path: Path, class_names: list[str], im
                       crop_pct: float, interpolation: str = "bilinear",
                       forward: Callable | None = None) -> Path:
     """`forward`: the frozen logits of `frozen_forwards(model)`, if already traced."""
-    forward = forward or frozen_forward(fold_batchnorm(model), image_size)
+    forward = forward or frozen_forward(model, image_size)
     names = tf.constant(class_names)
     k = min(TOP_K, len(class_names))
 
@@ -173,7 +172,7 @@ def export_feature_extractor(model: keras.Model, path: Path, image_size: int,
                              crop_pct: float, interpolation: str = "bilinear",
                              forward: Callable | None = None) -> Path:
     """`forward`: the frozen features of `frozen_forwards(model)`, if already traced."""
-    forward = forward or frozen_forward(fold_batchnorm(feature_model(model)), image_size)
+    forward = forward or frozen_forward(feature_model(model), image_size)
     endpoints = _image_signatures(forward, image_size, crop_pct, interpolation,
                                   lambda f: {"features": f})
     return replacing_dir(path, lambda tmp: _save(tmp, endpoints))
