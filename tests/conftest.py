@@ -91,4 +91,3 @@ def timm_xxs(tmp_path_factory):
     path = tmp_path_factory.mktemp("timm-xxs") / "model.safetensors"
     R.save_state(ref, path)
     return ref, path
-
