@@ -71,6 +71,15 @@ def trainer_threads(model_name: str, size: int, batch: int) -> int:
     return set_intra_op_threads(intra_op_threads("auto", step_gmacs(model_name, size, batch)))
 
 
+def trainer_recompute(model_name: str, size: int, batch: int, xla: bool = False) -> bool:
+    """Whether the trainer recomputes the convolutional blocks for this step
+    (`trainer.recompute=auto`: on for a large CPU step without XLA)."""
+    from trainer.models.presets import step_gmacs
+    from trainer.training.distribute import recompute
+
+    return recompute("auto", step_gmacs(model_name, size, batch), "true" if xla else "false")
+
+
 def add_machine_args(parser) -> None:
     """--threads and --device, shared by every benchmark."""
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")

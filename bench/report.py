@@ -89,12 +89,16 @@ def section() -> str:
     if memory:
         columns = [("model", "model"), ("size", "size"), ("ours_peak_rss_mib", "ours MiB"),
                    ("ref_peak_rss_mib", "timm MiB"), ("ratio", "ours / timm")]
+        if "recompute" in memory[0]:  # trainer.recompute=auto's choice for the step
+            columns += [("recompute", "recomputed blocks")]
         if "ours_step_only_mib" in memory[0]:  # where it goes: the step alone, TF alone
             columns += [("ours_step_only_mib", "our step alone MiB")]
         if "ours_step_live_tensors_mib" in memory[0]:
             columns += [("ours_step_live_tensors_mib", "its live tensors MiB")]
         if "tensorflow_import_mib" in memory[0]:
             columns += [("tensorflow_import_mib", "TF imported MiB")]
+        memory = [{**r, "recompute": "yes" if r["recompute"] else "no"} if "recompute" in r else r
+                  for r in memory]
         parts.append("**Peak memory** of a training run (RSS, batch 32; `python -m bench.memory`: "
                      "a `python -m trainer` run of 3 steps vs timm's loop of 3 steps; then our "
                      "model and step alone on a fixed batch, the peak of its live tensors as "
@@ -353,6 +357,39 @@ SPEED_A_USER_FEELS = """\
   11.5-13.3 s, 8.7-9.6 in the table) and a 51 s quickstart (val_accuracy 0.978), and paired runs
   of the code before and after this round there agreed: XXS first step 4.74 and 5.50 s before,
   5.14 and 5.06 s after, steady steps 51-54 ms both.
+- *Blocks recomputed in the backward pass* (2026-12-02, eighth round; `trainer.recompute`,
+  `trainer/models/recompute.py`): the rounds above brought the tensors a step keeps near timm's,
+  yet the RSS stayed 1.18-1.39x timm's, because TensorFlow's runtime adds 1.2 GB that PyTorch's
+  does not (683 MiB with TensorFlow imported alone, 520-700 MiB more once the step runs: code
+  pages, oneDNN's buffers, malloc; none of malloc's settings, oneDNN's primitive cache, the BFC
+  allocator or oneDNN off moved it, below). Matching timm meant keeping much less. The stem and
+  the MobileNetV2 blocks, whose expanded maps at 128x128 and 64x64 are most of a step's kept
+  tensors (XS at 256x256: about 3 of its 5 GB), now keep only their input: each block runs
+  again in the backward pass (`tf.recompute_grad`, what `keras.remat` is on TensorFlow; Keras'
+  `RematScope` wraps single layers, which saves nothing on a conv-BN-SiLU chain), with
+  BatchNorm's moving statistics updated once and stochastic depth's draw reused, so the step is
+  the same step (tests/models/test_recompute.py: loss, every gradient and the statistics
+  against the step that keeps them). `trainer.recompute=auto` turns it on for a CPU step of at
+  least 8 GMACs forward (every size at 256x256 with batch 32; XS and S at 128), not on GPUs or
+  with XLA. The step alone at 256x256, batch 32, off -> on (peak RSS, s per step, one run
+  each): XXS 3,469 -> 2,314 MiB, 0.81 -> 0.87 s; XS 6,304 -> 3,570 MiB, 1.7-2.1 -> 1.9-2.1 s;
+  S 7,507 -> 4,025 MiB, 3.6-4.6 -> 4.2-4.7 s; the memory table (a `python -m trainer` run):
+  XXS 0.86x, XS 0.67x, S 0.54x timm, live tensors 1.1-1.7 GB. Below 8 GMACs it is off: XXS at
+  128x128 (3.3 G) 1,655 -> 1,350 MiB for 5% longer steps, S at 64x64 (4.0 G) 1,640 -> 1,350
+  MiB for 18% (163 -> 192 ms, where the lead over timm was 1.2x). The kept table above is the
+  step without recomputation (`trainer.recompute=false`).
+- *Tried for memory before recomputation, not adopted* (1.18-1.39x timm before it): stride-2
+  convolutions that keep only their unpadded input for the backward pass (the same Pad + "valid"
+  forward, the gradient through TensorFlow's backprop kernels with explicit padding): the kept
+  profile fell 2,014 -> 1,903 MiB for XXS, 5,040 -> 4,625 for XS and 6,171 -> 5,696 for S, but
+  neither the live-tensor peak (XS 5,095 -> 5,149, S 6,094 -> 6,031 MiB) nor the RSS moved, not
+  adopted. No change from glibc's mmap threshold fixed at 128 KiB (XXS step alone 3,468 vs 3,540
+  MiB), two malloc arenas (3,448), both with a trim threshold (3,455), oneDNN's primitive cache
+  off (3,485 and 3,474 vs 3,466 and 3,469), TensorFlow's BFC allocator on the CPU (3,539 and
+  3,521), oneDNN off (3,585 and 3,646), LayerNorm's gradient written out (4,087 and 4,096 vs
+  4,087 before the sixth round) or one inter-op thread (3,763 vs 3,792). Peak RSS also moves
+  with how the two executor threads interleave ops: before the sixth round the same build of the
+  XXS step alone peaked 4,203-5,287 MiB in three runs.
 
 Still missed, and why (each measured with the command of its table):
 - *SavedModel at batch 1 >= 1.3x* for every size: on the Intel Xeon (2026-12-02) the inference
@@ -367,34 +404,7 @@ Still missed, and why (each measured with the command of its table):
   separate `_MklSwish` ops), none of which TensorFlow 2.21 offers on CPU outside XLA, which is
   2-3x slower here. Earlier: the 2-D projections replaced the attention's 36 broadcast batched
   matmuls per image with plain ones (ops per image 1,019 -> 983) without moving batch 1 beyond the
-  spread (XXS 19.6 -> 19.9 ms).
-- *Peak memory <= timm* (1.18-1.39x, was 1.54-1.64x): the tensors are not the gap. The peak of
-  live tensors in our step, as TensorFlow's own allocator counts them (the memory table's "its
-  live tensors" column, BFC allocator on the CPU), is below timm's whole process: XXS 2,253 vs
-  2,488 MiB, XS 4,993 vs 5,072, S 6,116 vs 6,269. What the RSS adds on top is the runtime:
-  685 MiB with TensorFlow imported alone, and another 520-700 MiB (step alone minus both) of code
-  pages the step touches, oneDNN's buffers and what malloc keeps (not split further).
-  Tried this round (2026-12-01, seventh) and not adopted:
-  stride-2 convolutions that keep only their unpadded input for the backward pass (the same Pad +
-  "valid" forward, the gradient through TensorFlow's backprop kernels with explicit padding; the
-  forward op with explicit padding aborts the process when grappler fuses a depthwise one with a
-  bias). The kept profile above (a count on the graph before grappler) fell 2,014 -> 1,903 MiB
-  for XXS, 5,040 -> 4,625 for XS and 6,171 -> 5,696 for S (1.03-1.06x timm), but the live-tensor
-  peak did not move (XS 5,095 -> 5,149, S 6,094 -> 6,031 MiB in paired runs) nor the RSS (XS
-  6,257 -> 6,305 step alone): the padded copies did not set the peak, and the kept profile
-  overstates what is alive at once. Also not adopted: glibc's mmap threshold fixed at 128 KiB (XXS step alone
-  3,468 vs 3,540 MiB), two malloc arenas (3,448), both with a trim threshold (3,455). Peak RSS
-  also moves with how the two executor threads interleave ops: before the sixth round the same
-  build of the XXS step alone peaked 4203-5287 MiB in three runs, 3490-3493 after it.
-  Also not adopted (2026-12-02, the XXS step alone, two runs each): oneDNN's primitive cache
-  off (`ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`) 3,485 and 3,474 MiB vs 3,466 and 3,469 by default,
-  TensorFlow's BFC allocator for the CPU 3,539 and 3,521, oneDNN off 3,585 and 3,646: neither
-  oneDNN's cached primitives nor malloc's keeping is the 520-700 MiB.
-  Tried earlier (2026-12-01): SiLU's gradient recomputing the sigmoid (tf.nn.silu's way: 9 more
-  ops per activation, the first step 3.4 -> 4.2 s), superseded by the gradient from the output
-  above; no change from glibc's mmap threshold fixed at 128 KiB (4048 vs 4087 MiB), two malloc
-  arenas (4030), LayerNorm's gradient written out (4087 and 4096 MiB) or one inter-op thread
-  (3763 vs 3792)."""
+  spread (XXS 19.6 -> 19.9 ms)."""
 
 
 def _worst(rows: list[dict], keep) -> float | None:

@@ -38,7 +38,10 @@ def ours_step(model_name: str, batch: int, size: int, xla: bool, device: str):
     from trainer.training.loop import Loop
 
     keras.mixed_precision.set_global_policy("mixed_float16" if device == "gpu" else "float32")
-    model = build_classifier(MobileViTBackbone.from_preset(model_name), CLASSES)
+    # As the trainer builds it: the convolutional blocks recomputed for a large CPU step.
+    recompute = device == "cpu" and common.trainer_recompute(model_name, size, batch, xla)
+    model = build_classifier(MobileViTBackbone.from_preset(model_name, recompute=recompute),
+                             CLASSES)
     optimizer = FusedAdamW(1e-4, weight_decay=0.05)  # the trainer's optim=adamw
     if device == "gpu":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -50,7 +53,7 @@ def ours_step(model_name: str, batch: int, size: int, xla: bool, device: str):
     loop = Loop(strategy, model, optimizer, CLASSES, batch, jit_compile=xla)
     iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
     keras.mixed_precision.set_global_policy("float32")
-    return lambda: loop.train_step(iterator)["loss"].numpy()  # .numpy() waits for the step
+    return recompute, lambda: loop.train_step(iterator)["loss"].numpy()  # .numpy() waits
 
 
 def timm_step(model_name: str, batch: int, size: int, device: str):
@@ -79,15 +82,16 @@ def timm_step(model_name: str, batch: int, size: int, device: str):
 
 def measure(name: str, size: int, variant: str, args) -> dict:
     """One row: one of our step variants ("graph" or "xla") against timm, interleaved."""
-    runs = {variant: ours_step(name, args.batch, size, variant == "xla", args.device),
-            "timm": timm_step(name, args.batch, size, args.device)}
+    recompute, ours = ours_step(name, args.batch, size, variant == "xla", args.device)
+    runs = {variant: ours, "timm": timm_step(name, args.batch, size, args.device)}
     for fn in runs.values():  # tracing, XLA compilation, allocator warm-up
         fn(), fn()
     r = common.interleaved(runs, args.batch, args.repeats, args.steps)
     precision = " mixed_float16" if args.device == "gpu" else " float32"
     return common.speed_row(
         "train", name, args.batch, size, r[variant], r["timm"],
-        ours=f"tf.function{'+XLA' if variant == 'xla' else ''}{precision}",
+        ours=f"tf.function{'+XLA' if variant == 'xla' else ''}{precision}"
+             f"{', recomputed blocks' if recompute else ''}",
         ref="timm eager" + (" AMP" if args.device == "gpu" else " float32"))
 
 

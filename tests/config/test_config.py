@@ -68,6 +68,8 @@ def test_group_options_are_the_documented_ones():
     (["trainer.intra_op_threads=two"], "trainer.intra_op_threads='two': allowed: auto, or a "
                                        "thread count from 0"),
     (["trainer.intra_op_threads=-1"], "trainer.intra_op_threads='-1': allowed: auto"),
+    (["trainer.recompute=sometimes"], "trainer.recompute='sometimes' is not allowed; choose one "
+                                      "of auto, true, false"),
     (["trainer.cpu_replicas=2", "trainer.batch_size=33"],
      "trainer.batch_size=33 is not divisible by trainer.cpu_replicas=2"),
     (["data=folder"], "data.path is missing"),

@@ -44,6 +44,9 @@ OPTIONS: dict[str, list[str]] = {
     "determinism": ["trainer.deterministic=false", "trainer.deterministic=true"],
     # auto: one thread per op for these small CPU steps (trainer/training/distribute.py)
     "threads": ["trainer.intra_op_threads=auto", "trainer.intra_op_threads=2"],
+    # auto: off for these small steps; true: the convolutional blocks replayed in the backward
+    # pass (trainer/models/recompute.py) with every other option
+    "recompute": ["trainer.recompute=auto", "trainer.recompute=true"],
     "litert": ["export.litert=[]", "export.litert=[float16]", "export.litert=[int8]"],
     "data": ["data=digits", "data=folder data.path={folder}", "data=flowers data.mock_examples=24"],
 }
@@ -215,6 +218,7 @@ def test_case_trains_and_exports(row, folder, tmp_path):
     threads = dict(zip(OPTIONS, row))["threads"]  # auto: 1 for these small steps, but not XLA's
     assert run["intra_op_threads"] == (2 if threads.endswith("=2") else
                                        0 if "trainer.jit_compile=true" in row else 1)
+    assert run["recompute"] is ("trainer.recompute=true" in row)
 
 
 @pytest.mark.parametrize("pair", list(REFUSED), ids=["+".join(p) for p in REFUSED])

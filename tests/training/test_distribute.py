@@ -219,6 +219,27 @@ def test_devices_are_logged_and_an_unseen_nvidia_gpu_is_warned_about(tmp_path, m
     assert "pip install -e '.[gpu]'" in warnings[0]
 
 
+def test_a_large_cpu_step_recomputes_its_convolutional_blocks(monkeypatch):
+    """trainer.recompute=auto: on from RECOMPUTE_STEP_GMACS of forward work per step on a CPU
+    without XLA (memory: tests/models/test_recompute.py, bench/memory.py), off below it and on
+    any machine with a GPU; true / false as given. The matrix records it in run.json."""
+    from trainer.models.presets import step_gmacs
+    from trainer.training import distribute
+
+    for name in ("mobilevit_xxs", "mobilevit_xs", "mobilevit_s"):  # the memory target's step
+        assert distribute.recompute("auto", step_gmacs(name, 256, 32)) is True
+    assert distribute.recompute("auto", step_gmacs("mobilevit_xs", 128, 32)) is True  # 8.2 G
+    assert distribute.recompute("auto", step_gmacs("mobilevit_xxs", 128, 32)) is False  # 3.3 G
+    assert distribute.recompute("auto", step_gmacs("mobilevit_s", 64, 32)) is False  # 4.0 G
+    assert distribute.recompute("auto", step_gmacs("mobilevit_xxs", 32, 32)) is False
+    assert distribute.recompute("auto", 50.0, jit_compile="true") is False
+    assert distribute.recompute("True", 0.1) is True and distribute.recompute("false", 50.0) is False
+    physical = tf.config.list_physical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: (
+        ["GPU:0"] if kind == "GPU" else physical(kind)))
+    assert distribute.recompute("auto", 50.0) is False
+
+
 def test_a_small_cpu_step_runs_one_thread_per_op(monkeypatch, caplog):
     """trainer.intra_op_threads=auto: one thread per op below SMALL_STEP_GMACS of forward work
     per step on a CPU (measured faster there: distribute.py), TensorFlow's default above it and

@@ -172,6 +172,9 @@ class TrainerConfig:
     # Threads one op may use on the CPU: auto (1 for a small step on a machine without GPU,
     # else TensorFlow's default, all cores) | N (0: TensorFlow's default). training/distribute.py
     intra_op_threads: str = "auto"
+    # The convolutional blocks' activations computed again in the backward pass instead of kept:
+    # auto (on for a large CPU step, without GPU or XLA) | true | false. training/distribute.py
+    recompute: str = "auto"
     log_every_steps: int = 0  # > 0: log the loss of every N-th step
     checkpoint_every_steps: int = 0  # > 0: also checkpoint every N steps inside an epoch
     keep_checkpoints: int = 2  # the newest N under checkpoints/last (best: always 1)

@@ -171,6 +171,7 @@ def _trainer(t) -> None:
     if t.eval_steps is not None:
         _range("trainer.eval_steps", t.eval_steps, 1)
     _choice("trainer.jit_compile", str(t.jit_compile).lower(), ("auto", "true", "false"))
+    _choice("trainer.recompute", str(t.recompute).lower(), ("auto", "true", "false"))
     threads = str(t.intra_op_threads).lower()
     if threads != "auto" and not (threads.isdigit() and int(threads) <= 1024):
         raise ConfigError(f"trainer.intra_op_threads={t.intra_op_threads!r}: allowed: auto, or a "

@@ -16,6 +16,8 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from trainer.models import recompute
+
 # cuDNN refuses an epsilon below 1e-5 (compared in double, which float32 1e-5 is not); TensorFlow's
 # own fused_batch_norm wrapper raises it to this on every device. Ours keeps 1e-5 on the CPU.
 CUDNN_MIN_EPSILON = 1.001e-5
@@ -30,6 +32,8 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable and self._fusable(inputs, mask)):
+            if training and recompute.replaying():
+                return self._keras_call_without_update(inputs, mask)
             return super().call(inputs, training=training, mask=mask)
         channels = inputs.shape[-1]
         gamma = self.gamma if self.scale else tf.ones([channels], tf.float32)
@@ -43,8 +47,19 @@ class FusedBatchNormalization(layers.BatchNormalization):
             epsilon=epsilon, data_format="NHWC", is_training=True)
         count = tf.cast(tf.size(inputs) // channels, tf.float32)
         variance = unbiased * ((count - 1.0) / tf.maximum(count, 1.0))
+        if recompute.replaying():  # the forward run of this block updated them already
+            return tf.cast(outputs, self.compute_dtype)
         # Keras' update, in Keras' order of operations.
         self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(
             self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
         return tf.cast(outputs, self.compute_dtype)
+
+    def _keras_call_without_update(self, inputs, mask):
+        """Keras' training-mode call with the moving statistics left as they are: with momentum
+        1, Keras' update writes back the value it read (set while this call is traced)."""
+        momentum, self.momentum = self.momentum, 1.0
+        try:
+            return super().call(inputs, training=True, mask=mask)
+        finally:
+            self.momentum = momentum

@@ -9,6 +9,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from trainer.models import recompute
 from trainer.models.attention import TokenAttention
 from trainer.models.batchnorm import FusedBatchNormalization
 from trainer.models.presets import make_divisible
@@ -61,7 +62,8 @@ class DropPath(layers.Layer):
             return x
         keep = 1.0 - self.rate
         shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
-        mask = ops.floor(keep + keras.random.uniform(shape, seed=self.seed_generator, dtype=x.dtype))
+        mask = recompute.shared(self, lambda: ops.floor(
+            keep + keras.random.uniform(shape, seed=self.seed_generator, dtype=x.dtype)))
         return x * mask / keep
 
     def get_config(self):

@@ -19,11 +19,13 @@ import math
 
 import keras
 import numpy as np
+from keras.src.models.functional import operation_fn as functional_operation_fn
 
 from trainer.models.head import build_classifier
 from trainer.models.layers import conv_bn, inverted_residual, mobilevit_block
 from trainer.models.layers_v2 import mobilevit_v2_block
 from trainer.models.presets import preset
+from trainer.models.recompute import recomputed
 from trainer.models.weights import load_weights
 
 # --------------------------------------------------------------------------- the backbone
@@ -44,7 +46,7 @@ class MobileViTBackbone(keras.Model):
                  expand_ratio: float, num_heads: int = 4, patch_size: int = 2,
                  mlp_ratio: float = 2.0, dropout: float = 0.0, attention_dropout: float = 0.0,
                  drop_path_rate: float = 0.0, sync_bn: bool = False,
-                 image_shape: tuple = (None, None, 3), **kwargs):
+                 image_shape: tuple = (None, None, 3), recompute: bool = False, **kwargs):
         _check_args(stages, num_heads, patch_size, dropout, attention_dropout, drop_path_rate,
                     image_shape)
         n_blocks = sum(s["depth"] for s in stages)
@@ -53,27 +55,38 @@ class MobileViTBackbone(keras.Model):
                          attention_dropout=attention_dropout, sync_bn=sync_bn)
 
         inputs = keras.Input(shape=tuple(image_shape), name="images")
-        x = conv_bn(inputs, stem_channels, 3, 2, "stem", sync_bn=sync_bn)
+        # The chain of blocks, as (input, output, recompute it): the convolutional ones are the
+        # units `recompute` runs again in the backward pass (`models/recompute.py`).
+        chain = [(inputs, conv_bn(inputs, stem_channels, 3, 2, "stem", sync_bn=sync_bn), True)]
+        x = chain[-1][1]
         pyramid = {}
         for si, stage in enumerate(stages):
             name = f"stage{si}"
             if stage["type"] == "mv2":
                 for bi in range(stage["depth"]):
-                    x = inverted_residual(x, stage["channels"], stage["stride"] if bi == 0 else 1,
+                    y = inverted_residual(x, stage["channels"], stage["stride"] if bi == 0 else 1,
                                           expand_ratio, f"{name}_mv2_{bi}", next(rates), sync_bn)
+                    chain.append((x, y, True))
+                    x = y
             else:
-                x = inverted_residual(x, stage["channels"], stage["stride"], expand_ratio,
+                y = inverted_residual(x, stage["channels"], stage["stride"], expand_ratio,
                                       f"{name}_mv2_0", 0.0, sync_bn)
+                chain.append((x, y, True))
+                x = y
                 drop_paths = [next(rates) for _ in range(stage["depth"])]
                 if stage["type"] == "vit":
-                    x = mobilevit_block(x, stage["dim"], stage["depth"], f"{name}_vit",
+                    y = mobilevit_block(x, stage["dim"], stage["depth"], f"{name}_vit",
                                         num_heads=num_heads, drop_paths=drop_paths, **attention)
                 else:
-                    x = mobilevit_v2_block(x, stage["dim"], stage["depth"], f"{name}_vit",
+                    y = mobilevit_v2_block(x, stage["dim"], stage["depth"], f"{name}_vit",
                                            drop_paths=drop_paths, **attention)
+                chain.append((x, y, False))
+                x = y
             pyramid[f"P{si + 1}"] = x
         if final_channels:
-            x = conv_bn(x, final_channels, 1, 1, "final", sync_bn=sync_bn)
+            y = conv_bn(x, final_channels, 1, 1, "final", sync_bn=sync_bn)
+            chain.append((x, y, False))
+            x = y
             pyramid["P5"] = x
         super().__init__(inputs=inputs, outputs=x, **kwargs)
 
@@ -84,6 +97,28 @@ class MobileViTBackbone(keras.Model):
         self.mlp_ratio, self.dropout, self.attention_dropout = mlp_ratio, dropout, attention_dropout
         self.drop_path_rate, self.sync_bn = drop_path_rate, sync_bn
         self.image_shape = tuple(image_shape)
+        self.recompute = recompute
+        # Each block as a function over this graph's own layers; set past Keras' and
+        # TensorFlow's tracking (no new checkpoint keys, no copies in saved files).
+        object.__setattr__(self, "_blocks", [
+            (keras.Function(block_in, block_out, name=f"block{i}"), remat)
+            for i, (block_in, block_out, remat) in enumerate(chain)])
+
+    def call(self, inputs, training=None, mask=None):
+        """The functional graph; in training with `recompute` on, block by block, the
+        convolutional blocks' intermediates computed again in the backward pass instead of kept
+        (`models/recompute.py`): less memory for about one more forward pass of those blocks."""
+        if not (training and self.recompute):
+            return super().call(inputs, training=training, mask=mask)
+        x = self._standardize_inputs(inputs)[0]
+        # Each layer called as Functional.call calls it (Keras' own wrapper passes `training`
+        # to the layers that take it), one block at a time.
+        for block, remat in self._blocks:
+            def run(t, block=block):
+                return block._run_through_graph(
+                    [t], operation_fn=lambda op: functional_operation_fn(op, training=training))
+            x = recomputed(run)(x) if remat else run(x)
+        return x
 
     @classmethod
     def from_preset(cls, name: str, weights: str | None = None,
@@ -108,6 +143,7 @@ class MobileViTBackbone(keras.Model):
             "mlp_ratio": self.mlp_ratio, "dropout": self.dropout,
             "attention_dropout": self.attention_dropout, "drop_path_rate": self.drop_path_rate,
             "sync_bn": self.sync_bn, "image_shape": list(self.image_shape),
+            "recompute": self.recompute,
         }
 
     @classmethod
@@ -132,11 +168,12 @@ def _check_args(stages, num_heads, patch_size, dropout, attention_dropout, drop_
             raise ValueError(f"transformer dim {s['dim']} is not divisible by num_heads={num_heads}")
 
 
-def build_model(model_cfg, num_classes: int) -> keras.Model:
-    """The classifier a `model` config describes (weights not loaded: models/weights.py)."""
+def build_model(model_cfg, num_classes: int, recompute: bool = False) -> keras.Model:
+    """The classifier a `model` config describes (weights not loaded: models/weights.py);
+    `recompute`: the trainer's choice of memory over speed (`MobileViTBackbone.call`)."""
     backbone = MobileViTBackbone.from_preset(
         model_cfg.name, dropout=model_cfg.dropout, drop_path_rate=model_cfg.drop_path_rate,
-        sync_bn=model_cfg.sync_bn)
+        sync_bn=model_cfg.sync_bn, recompute=recompute)
     return build_classifier(backbone, num_classes, dropout=model_cfg.head_dropout)
 
 

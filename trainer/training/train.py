@@ -54,12 +54,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     t = cfg.trainer
     update_batch = t.batch_size * t.accumulate_steps  # what one optimizer update averages over
     largest = max([cfg.data.image_size, *cfg.aug.multiscale_sizes])
-    strategy, jit_compile = distribute.setup(
-        t, cfg.seed, step_gmacs(cfg.model.name, largest, t.batch_size))
+    gmacs = step_gmacs(cfg.model.name, largest, t.batch_size)
+    strategy, jit_compile = distribute.setup(t, cfg.seed, gmacs)
+    recompute = distribute.recompute(t.recompute, gmacs, t.jit_compile)
+    log.info("convolutional blocks recomputed in the backward pass: %s (trainer.recompute=%s)",
+             recompute, t.recompute)
     chief = distribute.is_chief(strategy)
     # Non-chief workers must still write their checkpoint copies: to a scratch directory.
     work_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="mobilevit-worker-"))
     run_info = {**distribute.describe(strategy, t.batch_size, t.precision, jit_compile),
+                "recompute": recompute,
                 "accumulate_steps": t.accumulate_steps, "update_batch": update_batch,
                 "peak_lr": scaled_lr(cfg.optim, update_batch)}
     dirs.record_start(work_dir, cfg, run_info)  # config.yaml (resume rebuilds from it), run.json
@@ -84,7 +88,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     # ------------------------------------------------------------------ model, optimizer, state
     stages = stage_plan(cfg)
     with strategy.scope():
-        model = build_model(cfg.model, dataset.num_classes)
+        model = build_model(cfg.model, dataset.num_classes, recompute=recompute)
         source = load_weights(model, cfg.model.pretrained, cfg.model.name,
                                  cfg.model.checkpoint_format, dataset.class_names)
         optimizer, lr_scale = make_run_optimizer(cfg.optim, cfg.schedule, stages, steps_per_epoch,
