@@ -30,7 +30,7 @@ def _step(model, images, labels):
 
 
 @pytest.mark.parametrize("name,overrides", [
-    ("mobilevit_xxs", {"drop_path_rate": 0.2}),  # stochastic depth in the replayed MV2 blocks
+    ("mobilevit_xxs", {"drop_path_rate": 0.9}),  # stochastic depth in the replayed MV2 blocks
     ("mobilevit_xxs", {"sync_bn": True}),  # Keras' own BatchNorm path (synchronised)
     ("mobilevitv2_050", {}),
 ], ids=["v1-drop-path", "v1-keras-batchnorm", "v2"])
@@ -52,8 +52,10 @@ def test_a_recomputed_step_is_the_step_that_keeps_its_activations(name, override
     (loss, grads, state), (loss_r, grads_r, state_r) = results[False], results[True]
     assert loss_r == pytest.approx(loss, rel=1e-6)
     scale = max(float(np.abs(g).max()) for g in grads)
+    # Float noise of a different order of summation (1e-5 of a depthwise kernel's gradient
+    # under load); a replay that computed something else differs by its whole size.
     for var, g, g_r in zip(model.trainable_variables, grads, grads_r):
-        assert np.abs(g - g_r).max() <= 1e-5 * scale, var.path
+        assert np.abs(g - g_r).max() <= 1e-4 * np.abs(g).max() + 1e-6 * scale, var.path
     # The moving statistics moved once: a second update in the replay would move them 0.19 of
     # the way to the batch statistics instead of 0.1 (momentum 0.9), far outside float noise.
     moved = [p for p in state if "moving" in p and not np.allclose(state[p], 0.0) and
