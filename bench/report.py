@@ -394,17 +394,21 @@ SPEED_A_USER_FEELS = """\
 Still missed, and why (each measured with the command of its table):
 - *SavedModel at batch 1 >= 1.3x* for every size: on the Intel Xeon (2026-12-02) the inference
   table gives XXS 1.34x, XS 1.32x, S 1.23x, and the profile table 1.24x, 1.44x and 1.34x (15
-  repeats): XS meets it in both runs, XXS and S in one each. On the AMD EPYC (2026-12-01, the
-  export before the fused layers) it was 0.91-1.06x, and on one machine the fused layers do not
-  move batch 1 (the profile table's paired column): the difference is the machine, where PyTorch
-  loses more than TensorFlow's oneDNN kernels do (timm's XXS 17.6 ms on the EPYC, 31.8-33.2 ms on
-  the Xeon; ours 19.4 and 24.7-25.6). The served graph is now ~200 oneDNN kernels whose time is
-  the wall time (above); what would go further is fewer, larger kernels (one fused attention; SiLU
-  fused into the 7 depthwise convolutions and the 9 MLP matmuls, which the remapper leaves as
-  separate `_MklSwish` ops), none of which TensorFlow 2.21 offers on CPU outside XLA, which is
-  2-3x slower here. Earlier: the 2-D projections replaced the attention's 36 broadcast batched
-  matmuls per image with plain ones (ops per image 1,019 -> 983) without moving batch 1 beyond the
-  spread (XXS 19.6 -> 19.9 ms)."""
+  repeats): XS meets it in both runs, XXS and S in one each. On the AMD EPYC it is further off:
+  1.00x, 1.16x and 1.16x for the float signature (13.8 vs 13.8 ms, 18.7 vs 21.7, 32.5 vs 37.8),
+  1.04x, 1.23x and 1.27x for the uint8 one (2026-12-02, the current export, `python -m
+  bench.infer_speed --batches 1 --out infer_epyc`, `bench/results/infer_epyc.json`; the LiteRT
+  rows there 2.5-5.8x), 0.91-1.06x with the export before the fused layers (2026-12-01), and on
+  one machine the fused layers do not move batch 1 (the profile table's paired column): the
+  difference is the machine, where PyTorch loses more than TensorFlow's oneDNN kernels do
+  (timm's XXS 17.6 ms on the EPYC, 31.8-33.2 ms on the Xeon; ours 19.4 and 24.7-25.6). The
+  served graph is now ~200 oneDNN kernels whose time is the wall time (above); what would go
+  further is fewer, larger kernels (one fused attention; SiLU fused into the 7 depthwise
+  convolutions and the 9 MLP matmuls, which the remapper leaves as separate `_MklSwish` ops),
+  none of which TensorFlow 2.21 offers on CPU outside XLA, which is 2-3x slower here. Earlier:
+  the 2-D projections replaced the attention's 36 broadcast batched matmuls per image with plain
+  ones (ops per image 1,019 -> 983) without moving batch 1 beyond the spread (XXS 19.6 -> 19.9
+  ms)."""
 
 
 def _worst(rows: list[dict], keep) -> float | None:
