@@ -57,36 +57,36 @@ class MobileViTBackbone(keras.Model):
         inputs = keras.Input(shape=tuple(image_shape), name="images")
         # The chain of blocks, as (input, output, recompute it): the convolutional ones are the
         # units `recompute` runs again in the backward pass (`models/recompute.py`).
-        chain = [(inputs, conv_bn(inputs, stem_channels, 3, 2, "stem", sync_bn=sync_bn), True)]
-        x = chain[-1][1]
+        chain = []
+
+        def block(block_in, block_out, remat: bool):
+            chain.append((block_in, block_out, remat))
+            return block_out
+
+        x = block(inputs, conv_bn(inputs, stem_channels, 3, 2, "stem", sync_bn=sync_bn), True)
         pyramid = {}
         for si, stage in enumerate(stages):
             name = f"stage{si}"
             if stage["type"] == "mv2":
                 for bi in range(stage["depth"]):
-                    y = inverted_residual(x, stage["channels"], stage["stride"] if bi == 0 else 1,
-                                          expand_ratio, f"{name}_mv2_{bi}", next(rates), sync_bn)
-                    chain.append((x, y, True))
-                    x = y
+                    x = block(x, inverted_residual(
+                        x, stage["channels"], stage["stride"] if bi == 0 else 1, expand_ratio,
+                        f"{name}_mv2_{bi}", next(rates), sync_bn), True)
             else:
-                y = inverted_residual(x, stage["channels"], stage["stride"], expand_ratio,
-                                      f"{name}_mv2_0", 0.0, sync_bn)
-                chain.append((x, y, True))
-                x = y
+                x = block(x, inverted_residual(x, stage["channels"], stage["stride"],
+                                               expand_ratio, f"{name}_mv2_0", 0.0, sync_bn), True)
                 drop_paths = [next(rates) for _ in range(stage["depth"])]
                 if stage["type"] == "vit":
-                    y = mobilevit_block(x, stage["dim"], stage["depth"], f"{name}_vit",
-                                        num_heads=num_heads, drop_paths=drop_paths, **attention)
+                    x = block(x, mobilevit_block(
+                        x, stage["dim"], stage["depth"], f"{name}_vit", num_heads=num_heads,
+                        drop_paths=drop_paths, **attention), False)
                 else:
-                    y = mobilevit_v2_block(x, stage["dim"], stage["depth"], f"{name}_vit",
-                                           drop_paths=drop_paths, **attention)
-                chain.append((x, y, False))
-                x = y
+                    x = block(x, mobilevit_v2_block(
+                        x, stage["dim"], stage["depth"], f"{name}_vit", drop_paths=drop_paths,
+                        **attention), False)
             pyramid[f"P{si + 1}"] = x
         if final_channels:
-            y = conv_bn(x, final_channels, 1, 1, "final", sync_bn=sync_bn)
-            chain.append((x, y, False))
-            x = y
+            x = block(x, conv_bn(x, final_channels, 1, 1, "final", sync_bn=sync_bn), False)
             pyramid["P5"] = x
         super().__init__(inputs=inputs, outputs=x, **kwargs)
 

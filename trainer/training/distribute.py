@@ -45,9 +45,13 @@ def intra_op_threads(setting: str | int, step_gmacs: float, jit_compile: str = "
     op that parallelises inside (XXS 32x32 with XLA on one thread: 213 -> 184 images/s)."""
     if str(setting).lower() != "auto":
         return int(setting)
+    return 1 if _plain_cpu_step(jit_compile) and step_gmacs <= SMALL_STEP_GMACS else 0
+
+
+def _plain_cpu_step(jit_compile: str) -> bool:
+    """No GPU or TPU on this machine and no XLA: the step runs as TensorFlow ops on the CPU."""
     accelerator = tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU")
-    xla = str(jit_compile).lower() == "true"
-    return 1 if not (accelerator or xla) and step_gmacs <= SMALL_STEP_GMACS else 0
+    return not accelerator and str(jit_compile).lower() != "true"
 
 
 # At least this many forward multiply-accumulates per step (billions), the convolutional blocks'
@@ -69,9 +73,7 @@ def recompute(setting: str, step_gmacs: float, jit_compile: str = "auto") -> boo
     setting = str(setting).lower()
     if setting != "auto":
         return setting == "true"
-    accelerator = tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU")
-    xla = str(jit_compile).lower() == "true"
-    return not (accelerator or xla) and step_gmacs >= RECOMPUTE_STEP_GMACS
+    return _plain_cpu_step(jit_compile) and step_gmacs >= RECOMPUTE_STEP_GMACS
 
 
 def set_intra_op_threads(threads: int) -> int:
