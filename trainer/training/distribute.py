@@ -171,13 +171,18 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
                                     "chief" not in resolver.cluster_spec().as_dict())
 
 
-def setup(trainer_cfg, seed: int, step_gmacs: float) -> tuple[tf.distribute.Strategy, bool]:
-    """The run's CPU threads, strategy, precision policy and seeds; returns (strategy, XLA on?).
-    `step_gmacs`: the forward pass of one step, which sizes the threads (`intra_op_threads`)."""
+def setup(trainer_cfg, seed: int,
+          step_gmacs: float) -> tuple[tf.distribute.Strategy, bool, bool]:
+    """The run's CPU threads, strategy, precision policy and seeds; returns (strategy, XLA on?,
+    blocks recomputed?). `step_gmacs`: the forward pass of one step, which sizes the threads
+    (`intra_op_threads`) and decides the recomputation (`recompute`)."""
     threads = set_intra_op_threads(intra_op_threads(trainer_cfg.intra_op_threads, step_gmacs,
                                                     trainer_cfg.jit_compile))
     log.info("intra-op threads: %s (trainer.intra_op_threads=%s, a step of %.2g GMACs)",
              threads or "all cores", trainer_cfg.intra_op_threads, step_gmacs)
+    remat = recompute(trainer_cfg.recompute, step_gmacs, trainer_cfg.jit_compile)
+    log.info("convolutional blocks recomputed in the backward pass: %s (trainer.recompute=%s)",
+             remat, trainer_cfg.recompute)
     strategy = make_strategy(trainer_cfg.strategy, trainer_cfg.cpu_replicas)
     replicas = strategy.num_replicas_in_sync
     if trainer_cfg.batch_size % replicas:
@@ -187,7 +192,7 @@ def setup(trainer_cfg, seed: int, step_gmacs: float) -> tuple[tf.distribute.Stra
     keras.utils.set_random_seed(seed)  # Python, NumPy and TensorFlow
     if trainer_cfg.deterministic:  # slower kernels, bit-identical results
         tf.config.experimental.enable_op_determinism()
-    return strategy, use_xla(trainer_cfg.jit_compile)
+    return strategy, use_xla(trainer_cfg.jit_compile), remat
 
 
 def describe(strategy: tf.distribute.Strategy, global_batch: int, precision: str,

@@ -55,10 +55,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     update_batch = t.batch_size * t.accumulate_steps  # what one optimizer update averages over
     largest = max([cfg.data.image_size, *cfg.aug.multiscale_sizes])
     gmacs = step_gmacs(cfg.model.name, largest, t.batch_size)
-    strategy, jit_compile = distribute.setup(t, cfg.seed, gmacs)
-    recompute = distribute.recompute(t.recompute, gmacs, t.jit_compile)
-    log.info("convolutional blocks recomputed in the backward pass: %s (trainer.recompute=%s)",
-             recompute, t.recompute)
+    strategy, jit_compile, recompute = distribute.setup(t, cfg.seed, gmacs)
     chief = distribute.is_chief(strategy)
     # Non-chief workers must still write their checkpoint copies: to a scratch directory.
     work_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="mobilevit-worker-"))
